@@ -13,24 +13,76 @@ from .grid import spatial_dims
 __all__ = ["box_filter", "mind_ssc", "signed_distance_maps"]
 
 
+def _box_sum_valid(x: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Sum of ``k`` consecutive slices along ``dim`` (a "valid" box sum: length ``L - k + 1``), no autograd."""
+    length = x.shape[dim] - k + 1
+    acc = x.narrow(dim, 0, length).clone()
+    for o in range(1, k):
+        acc += x.narrow(dim, o, length)
+    return acc
+
+
+def _box_filter_forward(x: torch.Tensor, radius: int) -> torch.Tensor:
+    n = x.dim() - 2
+    k = 2 * radius + 1
+    x = F.pad(x, [radius] * (2 * n), mode="replicate")
+    for a in range(2, 2 + n):
+        x = _box_sum_valid(x, a, k)
+    return x / float(k**n)
+
+
+def _box_filter_adjoint(g: torch.Tensor, radius: int) -> torch.Tensor:
+    """The adjoint of :func:`_box_filter_forward` (replicate pad, then a valid box sum per axis).
+
+    Per axis (the axis operators commute): the adjoint of the valid box sum is the full correlation (zero-pad
+    by ``2r``, valid box sum), and the adjoint of replicate padding folds the ``r`` padded entries at each
+    end back onto the first / last element.
+    """
+    n = g.dim() - 2
+    k = 2 * radius + 1
+    for a in range(2, 2 + n):
+        pad = [0, 0] * n
+        pad[2 * (n - 1 - (a - 2)):2 * (n - 1 - (a - 2)) + 2] = [2 * radius, 2 * radius]
+        p = _box_sum_valid(F.pad(g, pad), a, k)  # length L + 2r
+        length = p.shape[a] - 2 * radius
+        out = p.narrow(a, radius, length).clone()
+        out.narrow(a, 0, 1).add_(p.narrow(a, 0, radius).sum(a, keepdim=True))
+        out.narrow(a, length - 1, 1).add_(p.narrow(a, length + radius, radius).sum(a, keepdim=True))
+        g = out
+    return g / float(k**n)
+
+
+class _BoxFilter(torch.autograd.Function):
+    """Box filter with a hand-written backward (the adjoint, with no autograd graph of slices): several
+    times less memory traffic than differentiating the slice sums, which dominated Adam instance
+    optimisation steps."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, radius: int) -> torch.Tensor:
+        ctx.radius = radius
+        return _box_filter_forward(x, radius)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return _box_filter_adjoint(grad.contiguous(), ctx.radius), None
+
+
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over a ``(2r+1)^n`` window with replicate padding; ``(B, C, *S)`` -> same shape.
 
     Separable: one replicate pad, then for each axis the sum of ``2r+1`` shifted slices (several times faster
-    on CPU than a dense ``(2r+1)^n`` average pool).
+    on CPU than a dense ``(2r+1)^n`` average pool). Differentiable, with a hand-written adjoint as backward
+    (first order only).
     """
-    n = spatial_dims(x)
+    spatial_dims(x)
     if radius <= 0:
         return x
-    k = 2 * radius + 1
-    x = F.pad(x, [radius] * (2 * n), mode="replicate")
-    for a in range(2, 2 + n):
-        length = x.shape[a] - 2 * radius
-        acc = x.narrow(a, 0, length).clone()
-        for o in range(1, k):
-            acc += x.narrow(a, o, length)
-        x = acc
-    return x / float(k**n)
+    if any(s < 1 for s in x.shape[2:]):
+        raise ValueError(f"box_filter needs a non-empty grid; got {tuple(x.shape)}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _BoxFilter.apply(x, int(radius))
+    return _box_filter_forward(x, int(radius))
 
 
 def _face_neighbours(n: int) -> list[tuple[int, ...]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from layers.encoder import FeatureEncoder
 from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
 
@@ -73,6 +74,9 @@ class LearnGN(RegistrationModule):
         step: GN step size α.
         coupling: ``"full"`` or ``"diagonal"``.
         hidden: width of the optional nonlinear branch of each head (0 = linear heads, the reference).
+        encoder_hidden: width of an optional learned residual feature encoder
+            (:class:`layers.encoder.FeatureEncoder`, zero-initialised, shared by fixed and moving; 0 = none).
+        encoder_depth: hidden layers of that encoder.
         learn_schedule: also learn the per-iteration λ and step size (as logarithms, initialised at the
             schedule, so the untrained model is still handcrafted GN).
         rtol, maxiter: CG tolerance and iteration cap of each solve.
@@ -99,6 +103,8 @@ class LearnGN(RegistrationModule):
         step: float = 1.0,
         coupling: str = "full",
         hidden: int = 0,
+        encoder_hidden: int = 0,
+        encoder_depth: int = 4,
         learn_schedule: bool = False,
         detach_warp: bool = False,
         rtol: float = 1e-3,
@@ -128,6 +134,8 @@ class LearnGN(RegistrationModule):
             jf=CompactHeads(spatial_dims, channels, stride, hidden), solver={"rtol": rtol, "maxiter": maxiter},
             detach_warp=detach_warp,
         )
+        self.encoder = (FeatureEncoder(spatial_dims, 1, channels, encoder_hidden, encoder_depth)
+                        if encoder_hidden > 0 else None)
         if learn_schedule:
             self.log_lam = torch.nn.Parameter(self.gn.lam_schedule.clone().log())
             self.log_step = torch.nn.Parameter(self.gn.step_schedule.clone().log())
@@ -157,7 +165,11 @@ class LearnGN(RegistrationModule):
         batch = dict(batch)
         if hp.features == "sdm":
             batch["label_ids"] = list(hp.label_ids)
-        return batch_features(batch, hp.features, sdm_scale=hp.sdm_scale)
+        fixed, moving = batch_features(batch, hp.features, sdm_scale=hp.sdm_scale)
+        if self.encoder is not None:
+            fixed = self.encoder(batch["fixed"], fixed)
+            moving = self.encoder(batch["moving"], moving)
+        return fixed, moving
 
     def run(self, batch: dict[str, Any], lam: torch.Tensor | None = None,
             step: torch.Tensor | None = None) -> GNOutput:

@@ -34,6 +34,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from layers.diff import diffusion
 from layers.features import box_filter
@@ -96,10 +97,10 @@ class FeatureMSE:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """The MSE (a scalar, differentiable in ``v``)."""
         if self.offset is None:
-            return (warp_image(self.moving, v) - self.fixed).pow(2).mean()
+            return F.mse_loss(warp_image(self.moving, v), self.fixed)
         k = self.slabs
         vs = v[0].reshape(self.n, k, v.shape[2] // k, *v.shape[3:]).transpose(0, 1) + self.offset
-        return (warp_image(self.moving, vs) - self.fixed).pow(2).mean()
+        return F.mse_loss(warp_image(self.moving, vs), self.fixed)
 
 
 def adam_optimise(

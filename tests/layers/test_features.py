@@ -70,6 +70,33 @@ def test_box_filter_hand_values():
     assert box_filter(x, 0) is x
 
 
+def _box_reference(x, r):
+    # the definition, differentiated by autograd: replicate pad, then sums of shifted slices per axis
+    n = x.dim() - 2
+    k = 2 * r + 1
+    x = torch.nn.functional.pad(x, [r] * (2 * n), mode="replicate")
+    for a in range(2, 2 + n):
+        length = x.shape[a] - 2 * r
+        acc = x.narrow(a, 0, length)
+        for o in range(1, k):
+            acc = acc + x.narrow(a, o, length)
+        x = acc
+    return x / float(k**n)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 4, 5, 6), (1, 1, 2, 3)])
+@pytest.mark.parametrize("radius", [1, 2])
+def test_box_filter_backward_is_the_adjoint(shape, radius):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(*shape, generator=g, dtype=F64)
+    got, = torch.autograd.grad(box_filter(x, radius), x, w)
+    ref, = torch.autograd.grad(_box_reference(x, radius), x, w)
+    _close(box_filter(x, radius), _box_reference(x, radius))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda t: box_filter(t, radius), (x,))
+
+
 @pytest.mark.parametrize("shape,channels", [((12, 13), 4), ((8, 9, 10), 12)])
 def test_mind_ssc_channels_range_and_reference(shape, channels):
     img = _texture(shape)

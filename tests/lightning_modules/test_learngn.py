@@ -14,12 +14,13 @@ def _batch(ndim=2, n=2, shape=(64, 64), seed=3):
     return collate_pairs([ds[i] for i in range(n)])
 
 
-@pytest.mark.parametrize("features,hidden", [("mind", 0), ("mind", 8), ("sdm", 0), ("intensity", 0)])
-def test_untrained_learngn_equals_handcrafted_gn(features, hidden):
+@pytest.mark.parametrize("features,hidden,encoder", [("mind", 0, 0), ("mind", 8, 0), ("mind", 0, 6), ("sdm", 0, 0),
+                                                    ("intensity", 0, 0)])
+def test_untrained_learngn_equals_handcrafted_gn(features, hidden, encoder):
     batch = _batch()
     ids = [int(v) for v in batch["label_ids"][0]]
     model = LearnGN(spatial_dims=2, features=features, label_ids=ids, iterations=5, lam_start=0.3,
-                    lam_end=0.05, hidden=hidden, rtol=1e-6)
+                    lam_end=0.05, hidden=hidden, encoder_hidden=encoder, rtol=1e-6)
     ref = HandcraftedGN(features=features, iterations=5, lam=(0.3, 0.05), solver={"rtol": 1e-6})
     with torch.no_grad():
         u_model = model.register(batch)
@@ -45,6 +46,17 @@ def test_gradients_reach_the_heads():
     grads = [p.grad for p in model.heads.parameters()]
     assert all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_gradients_reach_the_encoder():
+    batch = _batch(n=1)
+    model = LearnGN(spatial_dims=2, features="mind", iterations=3, encoder_hidden=4, encoder_depth=2)
+    u = model.register(batch)
+    sum(model.loss_terms(batch, u).values()).backward()
+    grads = [p.grad for p in model.encoder.parameters()]
+    # at initialisation only the zero last layer has a non-zero gradient (the layers before it are gated by it)
+    assert model.encoder.net[-1].weight.grad.abs().sum() > 0
+    assert all(g is not None for g in grads)
 
 
 def test_3d_model_on_2d_data_is_refused():
