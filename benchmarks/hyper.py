@@ -159,8 +159,10 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     steps = args.steps or (60 if args.quick else 270)
     unit = PRESETS["piecewise"].step_unit
     seed_everything(0)
-    dm = make_data(num_train=8 if args.quick else 16, num_test=8 if args.quick else 16, batch_size=4)
+    train_pairs = 8 if args.quick else (args.train_pairs or 16)
+    dm = make_data(num_train=train_pairs, num_test=8 if args.quick else 16, batch_size=4)
     test = batches(dm, "test")
+    val = batches(dm, "val")
     t0 = time.time()
     # ten constant learning rates, in the piecewise preset's unit (1/15 voxel): 0.033 .. 2 voxels per step
     constants = [0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0]
@@ -184,11 +186,16 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         checkpoint_every=max(1, min(15, steps // 3)),
         lr=args.lr or 0.01,
         max_log_delta=args.max_log_delta,
+        n_freq=args.n_freq,
     )
     untrained = model.schedule_values().detach().clone()
     epochs = args.epochs or (3 if args.quick else 10)
     curve = LossTrace()
-    trainer(max_epochs=epochs, gradient_clip_val=1.0, callbacks=[curve]).fit(model, datamodule=dm)
+    callbacks = [curve]
+    select = BestOnValidation(val, steps, unit) if args.select_on_val else None
+    if select is not None:
+        callbacks.append(select)
+    trainer(max_epochs=epochs, gradient_clip_val=1.0, callbacks=callbacks).fit(model, datamodule=dm)
     path = save_schedule(model, RESULTS / f"hyper_schedule_T{steps}.pt")
     res_base = evaluate_adam(ValuesLR(tuple(float(v) for v in base_values)), steps, test, unit)
     settings = adam_settings(path)
@@ -213,6 +220,11 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         "learned_values": list(settings["schedule"].values),
         "piecewise_values": pw_values.tolist(),
         "meta_loss": curve.values,
+        "n_freq": args.n_freq,
+        "selected_on_val": None if select is None else {
+            "val_tre_per_epoch": select.history, "best_epoch": select.best[1], "best_val_tre": select.best[0],
+            "val_pairs": sum(int(b["fixed"].shape[0]) for b in val),
+        },
         "meta_lr": args.lr or 0.01,
         "max_log_delta": args.max_log_delta,
         "seconds": time.time() - t0,
@@ -220,7 +232,10 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         + (f" --epochs {args.epochs}" if args.epochs else "")
         + (f" --lr {args.lr}" if args.lr else "")
         + (f" --max-log-delta {args.max_log_delta}" if args.max_log_delta != 3.0 else "")
-        + (f" --baseline-scale {args.baseline_scale}" if args.baseline_scale != 1.0 else ""),
+        + (f" --baseline-scale {args.baseline_scale}" if args.baseline_scale != 1.0 else "")
+        + (f" --train-pairs {args.train_pairs}" if args.train_pairs else "")
+        + (f" --n-freq {args.n_freq}" if args.n_freq != 4 else "")
+        + (" --select-on-val" if args.select_on_val else ""),
     }
     _plot_schedule(out)
     write_json(f"schedule_T{steps}", out)
@@ -286,6 +301,29 @@ class LambdaTrace(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.values.append(float(pl_module.lam_values()[0].detach()))
+
+
+class BestOnValidation(Callback):
+    """Model selection for the schedule meta-learner: after every epoch, the current schedule runs through the
+    baseline loop (``AdamIO``, not the differentiable copy) on the validation pairs; the schedule network's
+    weights with the lowest mean TRE are kept and restored at the end of the fit (the meta-gradient through
+    many Adam steps is noisy, and the last epoch is not necessarily the best)."""
+
+    def __init__(self, val: list[dict], steps: int, step_unit: float) -> None:
+        self.val, self.steps, self.step_unit = val, steps, step_unit
+        self.history: list[float] = []
+        self.best: tuple[float, int, dict] | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        tre = evaluate_adam(pl_module.as_schedule(), self.steps, self.val, self.step_unit)["tre"]
+        self.history.append(tre)
+        if self.best is None or tre < self.best[0]:
+            state = {k: v.detach().clone() for k, v in pl_module.schedule.state_dict().items()}
+            self.best = (tre, trainer.current_epoch, state)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.best is not None:
+            pl_module.schedule.load_state_dict(self.best[2])
 
 
 class LossTrace(Callback):
@@ -1075,6 +1113,13 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=3.0,
         help="schedule: bound on |log η − log η_baseline| (trust region)",
+    )
+    parser.add_argument("--train-pairs", type=int, default=None, help="schedule: training pairs (default 16)")
+    parser.add_argument("--n-freq", type=int, default=4, help="schedule: Fourier frequencies of the network")
+    parser.add_argument(
+        "--select-on-val",
+        action="store_true",
+        help="schedule: keep the epoch whose schedule has the lowest TRE on the validation pairs",
     )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -77,6 +77,7 @@ class RegistrationDataModule(LightningDataModule):
         synthetic_num_organs: organ labels per phantom.
         synthetic_num_keypoints: keypoints per pair.
         synthetic_spacing: mm per voxel (``None`` = 1).
+        synthetic_cache: keep generated synthetic pairs in memory (later epochs reuse them; same items).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class RegistrationDataModule(LightningDataModule):
         synthetic_num_organs: int = 5,
         synthetic_num_keypoints: int = 64,
         synthetic_spacing: list[float] | None = None,
+        synthetic_cache: bool = True,
     ) -> None:
         super().__init__()
         if eval_split not in SPLITS:
@@ -215,6 +217,7 @@ class RegistrationDataModule(LightningDataModule):
                 num_keypoints=h.synthetic_num_keypoints,
                 spacing=h.synthetic_spacing,
                 stream=stream,
+                cache=h.synthetic_cache,
             )
         return out
 

@@ -159,6 +159,8 @@ class SyntheticPairs(Dataset):
         max_displacement, smoothness, noise, multimodal, num_organs, num_keypoints, spacing, texture: see
             :class:`SyntheticConfig`.
         stream: an extra seed component that keeps splits disjoint (e.g. 0 train, 1 val, 2 test, 3 hyper).
+        cache: keep generated pairs in memory (each worker process keeps its own), so later epochs do not
+            generate them again; the items are the same either way.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class SyntheticPairs(Dataset):
         spacing: Sequence[float] | None = None,
         texture: float = 0.1,
         stream: int = 0,
+        cache: bool = False,
     ) -> None:
         if length < 0:
             raise ValueError(f"length must be >= 0; got {length}")
@@ -198,6 +201,7 @@ class SyntheticPairs(Dataset):
         self.length = int(length)
         self.seed = int(seed)
         self.stream = int(stream)
+        self._cache: dict[int, dict] | None = {} if cache else None
 
     @property
     def ndim(self) -> int:
@@ -213,5 +217,12 @@ class SyntheticPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} pairs")
+        if self._cache is not None:
+            if index not in self._cache:
+                self._cache[index] = self._generate(index)
+            return dict(self._cache[index])
+        return self._generate(index)
+
+    def _generate(self, index: int) -> dict:
         g = generator_for(self.seed, self.stream, index)
         return make_synthetic_pair(self.config, g, pair_id=f"s{self.stream}_{index:04d}")

@@ -53,9 +53,10 @@ def _box_filter_adjoint(g: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 class _BoxFilter(torch.autograd.Function):
-    """Box filter with a hand-written backward (the adjoint, with no autograd graph of slices): several
-    times less memory traffic than differentiating the slice sums, which dominated Adam instance
-    optimisation steps."""
+    """``B x`` (the box filter) with the hand-written adjoint as backward: several times less memory traffic
+    than differentiating the slice sums, which dominated the Adam instance-optimisation steps. Both directions
+    are linear and each is the other's backward, so derivatives of any order work (the learned schedules
+    differentiate through Adam steps, i.e. through this backward)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -63,9 +64,21 @@ class _BoxFilter(torch.autograd.Function):
         return _box_filter_forward(x, radius)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return _box_filter_adjoint(grad.contiguous(), ctx.radius), None
+        return _BoxFilterAdjoint.apply(grad.contiguous(), ctx.radius), None
+
+
+class _BoxFilterAdjoint(torch.autograd.Function):
+    """``Bᵀ g`` (see :class:`_BoxFilter`)."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, radius: int) -> torch.Tensor:
+        ctx.radius = radius
+        return _box_filter_adjoint(grad, radius)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _BoxFilter.apply(grad.contiguous(), ctx.radius), None
 
 
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:

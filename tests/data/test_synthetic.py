@@ -128,3 +128,20 @@ def test_spacing_and_noise_options():
         SyntheticConfig(shape=(16, 16), spacing=(1.0,))
     with pytest.raises(IndexError):
         SyntheticPairs(2, shape=(16, 16))[2]
+
+
+def test_cache_returns_the_same_items():
+    plain = SyntheticPairs(2, seed=5, shape=(24, 24))
+    cached = SyntheticPairs(2, seed=5, shape=(24, 24), cache=True)
+    for i in (1, 0, 1):
+        a, b = plain[i], cached[i]
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, b[k]), k
+            else:
+                assert v == b[k], k
+    # a caller that replaces an entry of the returned dict does not change the cache
+    item = cached[0]
+    item["fixed"] = None
+    assert torch.is_tensor(cached[0]["fixed"])

@@ -95,6 +95,8 @@ def test_box_filter_backward_is_the_adjoint(shape, radius):
     _close(box_filter(x, radius), _box_reference(x, radius))
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-13)
     assert torch.autograd.gradcheck(lambda t: box_filter(t, radius), (x,))
+    # second order (the learned schedules differentiate through Adam steps, i.e. through this backward)
+    assert torch.autograd.gradgradcheck(lambda t: box_filter(t, radius).pow(2), (x,))
 
 
 @pytest.mark.parametrize("shape,channels", [((12, 13), 4), ((8, 9, 10), 12)])
