@@ -40,9 +40,10 @@ demo: $(STAMP)
 	$(PY) eval.py --method learngn --ckpt $$(ls runs/synthetic2d_quick/checkpoints/best-*.ckpt | head -n 1) \
 	    --split test --out $(DEMO)/learngn
 	$(PY) eval.py --method gn --method-config configs/demo_gn.yaml --data synthetic2d \
-	    --data-arg synthetic_shape=[96,96] --data-arg num_test=16 --split test --out $(DEMO)/gn
+	    --data-arg synthetic_shape=[96,96] --data-arg synthetic_magnitude=0.25 --data-arg num_test=16 \
+	    --split test --out $(DEMO)/gn
 	$(PY) eval.py --method identity --data synthetic2d --data-arg synthetic_shape=[96,96] \
-	    --data-arg num_test=16 --split test --out $(DEMO)/identity
+	    --data-arg synthetic_magnitude=0.25 --data-arg num_test=16 --split test --out $(DEMO)/identity
 	@echo "== held-out synthetic 2D test pairs =="
 	@$(PY) eval.py --compare $(DEMO)/identity $(DEMO)/gn $(DEMO)/learngn | tee $(DEMO)/comparison.md
 	@echo "figures: $(DEMO)/<method>/figures/*.png; per-pair results: $(DEMO)/<method>/pairs.csv"

@@ -160,7 +160,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     unit = PRESETS["piecewise"].step_unit
     seed_everything(0)
     train_pairs = 8 if args.quick else (args.train_pairs or 16)
-    dm = make_data(num_train=train_pairs, num_test=8 if args.quick else 16, batch_size=4)
+    dm = make_data(num_train=train_pairs, num_test=8 if args.quick else 16, batch_size=args.batch_size)
     test = batches(dm, "test")
     val = batches(dm, "val")
     t0 = time.time()
@@ -181,7 +181,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         preset="piecewise",
         steps=steps,
         baseline=[float(v) for v in base_values],
-        outer="tre",
+        outer=args.outer,
         w_path=0.2,
         checkpoint_every=max(1, min(15, steps // 3)),
         lr=args.lr or 0.01,
@@ -221,6 +221,8 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         "piecewise_values": pw_values.tolist(),
         "meta_loss": curve.values,
         "n_freq": args.n_freq,
+        "outer": args.outer,
+        "batch_size": args.batch_size,
         "selected_on_val": None if select is None else {
             "val_tre_per_epoch": select.history, "best_epoch": select.best[1], "best_val_tre": select.best[0],
             "val_pairs": sum(int(b["fixed"].shape[0]) for b in val),
@@ -235,6 +237,8 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         + (f" --baseline-scale {args.baseline_scale}" if args.baseline_scale != 1.0 else "")
         + (f" --train-pairs {args.train_pairs}" if args.train_pairs else "")
         + (f" --n-freq {args.n_freq}" if args.n_freq != 4 else "")
+        + (f" --outer {args.outer}" if args.outer != "tre" else "")
+        + (f" --batch-size {args.batch_size}" if args.batch_size != 4 else "")
         + (" --select-on-val" if args.select_on_val else ""),
     }
     _plot_schedule(out)
@@ -1116,6 +1120,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--train-pairs", type=int, default=None, help="schedule: training pairs (default 16)")
     parser.add_argument("--n-freq", type=int, default=4, help="schedule: Fourier frequencies of the network")
+    parser.add_argument("--outer", default="tre", choices=["tre", "epe", "label", "mixed"],
+                        help="schedule: meta-objective (held-out comparison is always by TRE)")
+    parser.add_argument("--batch-size", type=int, default=4, help="schedule: training pairs per meta-step")
     parser.add_argument(
         "--select-on-val",
         action="store_true",

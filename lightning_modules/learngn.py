@@ -77,6 +77,7 @@ class LearnGN(RegistrationModule):
         encoder_hidden: width of an optional learned residual feature encoder
             (:class:`layers.encoder.FeatureEncoder`, zero-initialised, shared by fixed and moving; 0 = none).
         encoder_depth: hidden layers of that encoder.
+        encoder_lr: Adam learning rate of the encoder (None: ``lr``).
         learn_schedule: also learn the per-iteration λ and step size (as logarithms, initialised at the
             schedule, so the untrained model is still handcrafted GN).
         rtol, maxiter: CG tolerance and iteration cap of each solve.
@@ -105,6 +106,7 @@ class LearnGN(RegistrationModule):
         hidden: int = 0,
         encoder_hidden: int = 0,
         encoder_depth: int = 4,
+        encoder_lr: float | None = None,
         learn_schedule: bool = False,
         detach_warp: bool = False,
         rtol: float = 1e-3,
@@ -226,7 +228,13 @@ class LearnGN(RegistrationModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        if self.encoder is None or hp.encoder_lr is None:
+            return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        encoder = {id(p) for p in self.encoder.parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in encoder]},
+                  {"params": list(self.encoder.parameters()), "lr": hp.encoder_lr}]
+        return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_class"] = _qualname(self)

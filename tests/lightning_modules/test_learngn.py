@@ -122,3 +122,13 @@ def test_end_to_end_gradient_matches_finite_differences():
             flat[i] += 1e-6
         fd = (lp - lm) / 2e-6
         assert abs(p.grad.view(-1)[i].item() - fd) <= 1e-6 * max(1.0, abs(fd)) + 1e-9, (name, p.grad.view(-1)[i], fd)
+
+
+def test_encoder_learning_rate_is_its_own_group():
+    model = LearnGN(spatial_dims=2, features="mind", encoder_hidden=4, encoder_lr=3e-3, lr=1e-3)
+    opt = model.configure_optimizers()
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 3e-3]
+    enc = {id(p) for p in model.encoder.parameters()}
+    assert {id(p) for p in opt.param_groups[1]["params"]} == enc
+    assert not enc & {id(p) for p in opt.param_groups[0]["params"]}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
