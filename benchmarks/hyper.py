@@ -19,6 +19,8 @@ The runs behind ``benchmarks/results/hyper.md`` (with ``.venv/bin/python``)::
   python benchmarks/hyper.py amortised
   python benchmarks/hyper.py schedule --steps 30 --epochs 30 --lr 1e-3 --max-log-delta .5 --baseline-scale .5
   python benchmarks/hyper.py schedule --steps 270 --epochs 10 --lr 0.001 --max-log-delta 1.0
+  python benchmarks/hyper.py schedule --steps 10 --epochs 30 --lr 0.001 --max-log-delta 0.5 --n-freq 2 \
+      --train-pairs 32 --select-on-val --baseline-constant --batch-size 8
   python benchmarks/hyper.py report
 
 ``--quick`` gives tiny smoke budgets. Each run takes minutes to tens of minutes on 2 CPU cores (one torch
@@ -803,7 +805,7 @@ def summary_lines() -> list[str]:
             f"| amortised Dice within 0.02 of fixed-λ models at 3 λ | worst {worst:.4f} | "
             f"{mark(worst <= 0.02)} |"
         )
-    for steps in (30, 270):
+    for steps in (10, 30, 270):
         d = load(f"schedule_T{steps}")
         if d is None:
             continue
@@ -1044,12 +1046,21 @@ def report(args: argparse.Namespace) -> dict:
             f"{d['baseline']}. The schedule network (Fourier features of t/T; log η_t = log η_baseline(t) + "
             "MLP, last layer zero-initialised, |MLP| bounded by "
             f"{d['max_log_delta']}) equals the baseline exactly when untrained: "
-            f"**{d['untrained_equals_baseline']}**. Meta-trained {d['epochs']} epochs (4 batches of 4 of the "
-            f"{d['train_pairs']} training pairs each, Adam lr {d['meta_lr']}, gradient clipping 1) through a "
-            "differentiable Adam with gradient checkpointing; outer loss = keypoint TRE at the end + 0.2 × "
-            "TRE "
-            "at the segment ends along the way. Evaluated with the baseline class, "
-            f"`AdamIO(**adam_settings(path))`, on {d['test_pairs']} held-out pairs:",
+            f"**{d['untrained_equals_baseline']}**. Meta-trained {d['epochs']} epochs "
+            f"({d['train_pairs'] // d.get('batch_size', 4)} batches of {d.get('batch_size', 4)} of the "
+            f"{d['train_pairs']} training pairs each, {d.get('n_freq', 4)} Fourier frequencies, Adam lr "
+            f"{d['meta_lr']}, gradient clipping 1) through a differentiable Adam with gradient checkpointing; "
+            + ("outer loss = keypoint TRE at the end + 0.2 × TRE at the segment ends along the way. "
+               if d.get("outer", "tre") == "tre" else
+               f"outer loss = {d['outer']} at the end + 0.2 × the same at the segment ends along the way. ")
+            + (f"Model selection: after every epoch the schedule ran through the baseline loop on the "
+               f"{d['selected_on_val']['val_pairs']} validation pairs; the epoch with the lowest TRE there is "
+               f"kept (epoch {d['selected_on_val']['best_epoch'] + 1}: validation TRE "
+               f"{d['selected_on_val']['val_tre_per_epoch'][0]:.4f} mm after the first epoch, "
+               f"{d['selected_on_val']['best_val_tre']:.4f} mm at the chosen one; the test pairs were used "
+               "for nothing but this table). " if d.get("selected_on_val") else "")
+            + f"Evaluated with the baseline class, `AdamIO(**adam_settings(path))`, on {d['test_pairs']} "
+            "held-out pairs:",
             "",
             "| schedule | TRE (mm) | Dice | SDlogJ | folding |",
             "|---|---|---|---|---|",
