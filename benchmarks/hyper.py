@@ -17,7 +17,8 @@ The runs behind ``benchmarks/results/hyper.md`` (with ``.venv/bin/python``)::
   python benchmarks/hyper.py bilevel
   python benchmarks/hyper.py guard
   python benchmarks/hyper.py amortised
-  python benchmarks/hyper.py schedule --steps 30 --epochs 30 --lr 1e-3 --max-log-delta .5 --baseline-scale .5
+  python benchmarks/hyper.py schedule --steps 30 --epochs 30 --lr 0.001 --max-log-delta 0.5 --baseline-scale 0.5 \
+      --n-freq 2 --train-pairs 32 --select-on-val --batch-size 8
   python benchmarks/hyper.py schedule --steps 270 --epochs 10 --lr 0.001 --max-log-delta 1.0
   python benchmarks/hyper.py schedule --steps 10 --epochs 30 --lr 0.001 --max-log-delta 0.5 --n-freq 2 \
       --train-pairs 32 --select-on-val --baseline-constant --batch-size 8
@@ -884,7 +885,7 @@ def report(args: argparse.Namespace) -> dict:
         lines += [
             "## 2. Bilevel λ for LearnGN",
             "",
-            f"Command: `{d['command']}` ({d['seconds'] / 60:.0f} min). LearnGN on intensity features, "
+            f"Command: `{d['command']}` ({d['seconds'] / 60:.1f} min). LearnGN on intensity features, "
             f"K = {d['common']['iterations']}, stride {d['common']['stride']}, linear heads, schedule "
             f"{d['common']['lam_start']} → {d['common']['lam_end']} scaled by a learned scalar λ (λ below "
             "is the "
@@ -972,7 +973,7 @@ def report(args: argparse.Namespace) -> dict:
         lines += [
             "## 3. λ-conditioned hypernetwork (amortised λ)",
             "",
-            f"Command: `{d['command']}` ({d['seconds'] / 60:.0f} min). `HyperLearnGN` (FiLM per-channel "
+            f"Command: `{d['command']}` ({d['seconds'] / 60:.1f} min). `HyperLearnGN` (FiLM per-channel "
             "scale and "
             f"shift of both heads from an MLP of log λ, identity at initialisation), λ ∈ [{d['range'][0]}, "
             f"{d['range'][1]}] log-uniform per batch (20 % at the ends), GN schedule scaled by λ, training "
@@ -1040,7 +1041,7 @@ def report(args: argparse.Namespace) -> dict:
         lines += [
             f"### T = {d['steps']}",
             "",
-            f"Command: `{d['command']}` ({d['seconds'] / 60:.0f} min). AdamIO (MIND-SSC, half resolution, "
+            f"Command: `{d['command']}` ({d['seconds'] / 60:.1f} min). AdamIO (MIND-SSC, half resolution, "
             "12·MSE + 1.25·diffusion, two 3×3 smoothing passes of the increment), learning rates in the "
             f"piecewise preset's unit of 1/15 voxel, T = {d['steps']} steps for every schedule. Baseline: "
             f"{d['baseline']}. The schedule network (Fourier features of t/T; log η_t = log η_baseline(t) + "
@@ -1083,7 +1084,11 @@ def report(args: argparse.Namespace) -> dict:
             f"learning rates (the best chosen on the test pairs themselves) on held-out TRE: "
             f"**{'yes' if beats else 'no'}** ({d['learned']['tre']:.4f} mm vs "
             f"{d['constants'][best]['tre']:.4f} mm "
-            f"for constant {best} and {d['piecewise']['tre']:.3f} mm for piecewise).",
+            f"for constant {best} and {d['piecewise']['tre']:.3f} mm for piecewise)."
+            + (f" Against its own starting point (the untrained network, {d['baseline_result']['tre']:.4f} mm) "
+               f"meta-training changed the held-out TRE by "
+               f"{100 * (d['learned']['tre'] / d['baseline_result']['tre'] - 1):+.1f} %."
+               if "baseline_result" in d else ""),
             "",
             f"![schedule T={d['steps']}](hyper_schedule_T{d['steps']}.png)",
             "",
