@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gn_solve import gn_solve
-from .grid import coarse_shape, spatial_dims, upsample_field
+from .grid import channels_last, coarse_shape, spatial_dims, upsample_field
 from .heads import handcrafted_jf
 from .laplacian import laplacian_apply
 from .warp import warp_image
@@ -182,7 +182,7 @@ class GNRegistration(nn.Module):
         shape = tuple(fixed.shape[2:])
         s = self.stride
         grid = coarse_shape(shape, s)
-        fixed_p, moving_p = pad_to_multiple(fixed, s), pad_to_multiple(moving, s)
+        fixed_p, moving_p = pad_to_multiple(fixed, s), channels_last(pad_to_multiple(moving, s))  # warped K times
         if u0 is None:
             u = fixed.new_zeros(fixed.shape[0], n, *grid)
         else:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ALIGN_CORNERS",
+    "channels_last",
     "check_field",
     "coarse_shape",
     "identity_grid",
@@ -112,6 +113,20 @@ def sample(
     grid = to_normalised(torch.movedim(coords, 1, -1), shape)
     return F.grid_sample(image, grid.to(image.dtype), mode=gs_mode, padding_mode=padding_mode,
                          align_corners=ALIGN_CORNERS)
+
+
+def channels_last(image: torch.Tensor) -> torch.Tensor:
+    """``image`` ``(B, C, D, H, W)`` with the channels-last memory layout when it lives on the CPU and has several
+    channels (the same tensor values; other inputs are returned unchanged).
+
+    PyTorch's CPU ``grid_sample`` reads all channels of a voxel's 8 neighbours; with the channels adjacent in
+    memory it runs about 20-25 % faster (forward and backward with respect to the grid) on multi-channel
+    features such as MIND-SSC. Convert once, before warping the same image many times (the conversion is a
+    copy, differentiable).
+    """
+    if image.dim() == 5 and image.device.type == "cpu" and image.shape[1] > 1:
+        return image.contiguous(memory_format=torch.channels_last_3d)
+    return image
 
 
 @functools.lru_cache(maxsize=16)
