@@ -48,6 +48,8 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("AdamIO piecewise (270 it)", "adam", {"preset": "piecewise"}),
     ("AdamIO constant (100 it)", "adam", {"preset": "constant"}),
     ("ConvexAdam", "convexadam", {}),
+    ("ConvexAdam, 40 Adam iterations", "convexadam", {"iterations": 40}),
+    ("ConvexAdam, λ 2.5, 60 Adam iterations (smoother)", "convexadam", {"lam": 2.5, "iterations": 60}),
 ]
 COLUMNS = ("dice", "dice30", "hd95", "sdlogj", "sdlogj_l2r", "folding")
 

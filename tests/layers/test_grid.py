@@ -170,7 +170,7 @@ def test_channels_last_warps_the_same():
 
     g = torch.Generator().manual_seed(0)
     image = torch.rand(2, 5, 9, 10, 11, generator=g, dtype=torch.float64)
-    cl = channels_last(image)
+    cl = channels_last(image, min_voxels=0)
     assert cl.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(cl, image)
     u = (3 * torch.randn(2, 3, 9, 10, 11, generator=g, dtype=torch.float64)).requires_grad_()
     w = torch.randn(2, 5, 9, 10, 11, generator=g, dtype=torch.float64)
@@ -184,4 +184,5 @@ def test_channels_last_warps_the_same():
     two_d = torch.rand(1, 3, 4, 4, dtype=torch.float64)
     assert channels_last(two_d) is two_d
     one = torch.rand(1, 1, 4, 4, 4, dtype=torch.float64)
-    assert channels_last(one) is one
+    assert channels_last(one, min_voxels=0) is one
+    assert channels_last(image) is image  # below the default size threshold
