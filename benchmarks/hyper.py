@@ -181,6 +181,8 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     pw = evaluate_adam(piecewise, steps, test, unit)
     base_values = pw_values * args.baseline_scale
     train_constant = None
+    if args.baseline_constant and args.baseline_scale != 1.0:
+        raise SystemExit("--baseline-constant and --baseline-scale exclude each other")
     if args.baseline_constant:
         # a tuned baseline: the best of the constants on the *training* pairs (the test pairs stay unseen)
         train = batches(dm, "train")
@@ -238,6 +240,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         "outer": args.outer,
         "batch_size": args.batch_size,
         "selected_on_val": None if select is None else {
+            "val_tre_untrained": select.untrained,
             "val_tre_per_epoch": select.history, "best_epoch": select.best[1], "best_val_tre": select.best[0],
             "val_pairs": sum(int(b["fixed"].shape[0]) for b in val),
         },
@@ -331,14 +334,22 @@ class BestOnValidation(Callback):
     def __init__(self, val: list[dict], steps: int, step_unit: float) -> None:
         self.val, self.steps, self.step_unit = val, steps, step_unit
         self.history: list[float] = []
+        self.untrained: float | None = None
         self.best: tuple[float, int, dict] | None = None
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def _score(self, pl_module, epoch: int) -> float:
         tre = evaluate_adam(pl_module.as_schedule(), self.steps, self.val, self.step_unit)["tre"]
-        self.history.append(tre)
         if self.best is None or tre < self.best[0]:
             state = {k: v.detach().clone() for k, v in pl_module.schedule.state_dict().items()}
-            self.best = (tre, trainer.current_epoch, state)
+            self.best = (tre, epoch, state)
+        return tre
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the untrained network (= the baseline) is a candidate too, as "epoch -1"
+        self.untrained = self._score(pl_module, -1)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.history.append(self._score(pl_module, trainer.current_epoch))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.best is not None:
@@ -1048,7 +1059,7 @@ def report(args: argparse.Namespace) -> dict:
             "MLP, last layer zero-initialised, |MLP| bounded by "
             f"{d['max_log_delta']}) equals the baseline exactly when untrained: "
             f"**{d['untrained_equals_baseline']}**. Meta-trained {d['epochs']} epochs "
-            f"({d['train_pairs'] // d.get('batch_size', 4)} batches of {d.get('batch_size', 4)} of the "
+            f"({-(-d['train_pairs'] // d.get('batch_size', 4))} batches of {d.get('batch_size', 4)} of the "
             f"{d['train_pairs']} training pairs each, {d.get('n_freq', 4)} Fourier frequencies, Adam lr "
             f"{d['meta_lr']}, gradient clipping 1) through a differentiable Adam with gradient checkpointing; "
             + ("outer loss = keypoint TRE at the end + 0.2 × TRE at the segment ends along the way. "
@@ -1056,8 +1067,11 @@ def report(args: argparse.Namespace) -> dict:
                f"outer loss = {d['outer']} at the end + 0.2 × the same at the segment ends along the way. ")
             + (f"Model selection: after every epoch the schedule ran through the baseline loop on the "
                f"{d['selected_on_val']['val_pairs']} validation pairs; the epoch with the lowest TRE there is "
-               f"kept (epoch {d['selected_on_val']['best_epoch'] + 1}: validation TRE "
-               f"{d['selected_on_val']['val_tre_per_epoch'][0]:.4f} mm after the first epoch, "
+               "kept, the untrained network included as epoch 0 (chosen: epoch "
+               f"{d['selected_on_val']['best_epoch'] + 1}; validation TRE "
+               + (f"{d['selected_on_val']['val_tre_untrained']:.4f} mm untrained, "
+                  if d['selected_on_val'].get('val_tre_untrained') is not None else "")
+               + f"{d['selected_on_val']['val_tre_per_epoch'][0]:.4f} mm after the first epoch, "
                f"{d['selected_on_val']['best_val_tre']:.4f} mm at the chosen one; the test pairs were used "
                "for nothing but this table). " if d.get("selected_on_val") else "")
             + f"Evaluated with the baseline class, `AdamIO(**adam_settings(path))`, on {d['test_pairs']} "

@@ -22,7 +22,7 @@ from .learn2reg_task import Learn2RegTask
 from .samplers import EpochShuffleSampler
 from .slices import SliceDataset
 from .splits import split_subjects
-from .synthetic import SyntheticPairs
+from .synthetic import DEFAULT_SHAPES, SyntheticPairs
 
 __all__ = ["RegistrationDataModule", "SPLITS"]
 
@@ -77,7 +77,9 @@ class RegistrationDataModule(LightningDataModule):
         synthetic_num_organs: organ labels per phantom.
         synthetic_num_keypoints: keypoints per pair.
         synthetic_spacing: mm per voxel (``None`` = 1).
-        synthetic_cache: keep generated synthetic pairs in memory (later epochs reuse them; same items).
+        synthetic_cache: keep generated synthetic pairs in memory (later epochs reuse them; the items are the
+            same, and must not be modified in place). ``None``: only for splits of at most about 256 MB
+            (each worker process and DDP rank keeps its own copy).
     """
 
     def __init__(
@@ -116,7 +118,7 @@ class RegistrationDataModule(LightningDataModule):
         synthetic_num_organs: int = 5,
         synthetic_num_keypoints: int = 64,
         synthetic_spacing: list[float] | None = None,
-        synthetic_cache: bool = True,
+        synthetic_cache: bool | None = None,
     ) -> None:
         super().__init__()
         if eval_split not in SPLITS:
@@ -134,6 +136,16 @@ class RegistrationDataModule(LightningDataModule):
         self._task: Learn2RegTask | None = None
 
     # ------------------------------------------------------------------ properties
+    def _cache_split(self, length: int, shape, ndim: int) -> bool:
+        """Whether a synthetic split of ``length`` pairs is cached (see ``synthetic_cache``)."""
+        if self.hparams.synthetic_cache is not None:
+            return bool(self.hparams.synthetic_cache)
+        voxels = 1
+        for v in (shape or DEFAULT_SHAPES[ndim]):
+            voxels *= int(v)
+        # per pair: 2 images + 2 masks (4 B), 2 label maps (8 B), the true field (n x 4 B)
+        return length * voxels * (4 * 4 + 2 * 8 + 4 * ndim) <= 256 * 2**20
+
     @property
     def is_synthetic(self) -> bool:
         """True for the synthetic sources."""
@@ -217,7 +229,7 @@ class RegistrationDataModule(LightningDataModule):
                 num_keypoints=h.synthetic_num_keypoints,
                 spacing=h.synthetic_spacing,
                 stream=stream,
-                cache=h.synthetic_cache,
+                cache=self._cache_split(sizes[name], h.synthetic_shape, ndim),
             )
         return out
 

@@ -85,8 +85,8 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over a ``(2r+1)^n`` window with replicate padding; ``(B, C, *S)`` -> same shape.
 
     Separable: one replicate pad, then for each axis the sum of ``2r+1`` shifted slices (several times faster
-    on CPU than a dense ``(2r+1)^n`` average pool). Differentiable, with a hand-written adjoint as backward
-    (first order only).
+    on CPU than a dense ``(2r+1)^n`` average pool). Differentiable to any order, with the hand-written adjoint
+    as backward.
     """
     spatial_dims(x)
     if radius <= 0:

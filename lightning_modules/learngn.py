@@ -32,8 +32,17 @@ def _qualname(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: parameters that may be absent from a checkpoint loaded with ``init_from``: an optional module added for
+#: fine-tuning (the residual feature encoder starts as the identity, so the loaded model is unchanged)
+_FRESH_PREFIXES = ("encoder.",)
+
+
 def load_weights(module: torch.nn.Module, path: str | Path, expected_class: type) -> dict[str, Any]:
     """Load the ``state_dict`` of a Lightning checkpoint into ``module`` (weights only).
+
+    Parameters of the optional feature encoder may be missing from the checkpoint (fine-tuning an
+    encoder-less model with an encoder added): they keep their initialisation, which leaves the model's output
+    unchanged.
 
     Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` when it is not a checkpoint
     of ``expected_class`` (recorded under ``"model_class"`` when the checkpoint was saved).
@@ -51,6 +60,10 @@ def load_weights(module: torch.nn.Module, path: str | Path, expected_class: type
         missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     except RuntimeError as exc:  # shape mismatches
         raise ValueError(f"checkpoint {path} does not match {_qualname(expected_class)}: {exc}") from exc
+    fresh = [k for k in missing if k.startswith(_FRESH_PREFIXES)]
+    if fresh:
+        log.info("%s has no weights for %s: they keep their (identity) initialisation", path, fresh)
+    missing = [k for k in missing if not k.startswith(_FRESH_PREFIXES)]
     if unexpected or missing:
         raise ValueError(
             f"checkpoint {path} does not match {_qualname(expected_class)}: missing keys {missing}, "
@@ -227,14 +240,20 @@ class LearnGN(RegistrationModule):
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bsz, sync_dist=True)
         return loss
 
+    def param_groups(self, params) -> list[dict[str, Any]]:
+        """Adam parameter groups for ``params``: the encoder's parameters (when ``encoder_lr`` is set) in a group
+        of their own with that learning rate, the rest in a group without an explicit rate."""
+        params = list(params)
+        if self.encoder is None or self.hparams.encoder_lr is None:
+            return [{"params": params}]
+        encoder = {id(p) for p in self.encoder.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in encoder]},
+                  {"params": [p for p in params if id(p) in encoder], "lr": self.hparams.encoder_lr}]
+        return [g for g in groups if g["params"]]
+
     def configure_optimizers(self):
         hp = self.hparams
-        if self.encoder is None or hp.encoder_lr is None:
-            return torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        encoder = {id(p) for p in self.encoder.parameters()}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in encoder]},
-                  {"params": list(self.encoder.parameters()), "lr": hp.encoder_lr}]
-        return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        return torch.optim.Adam(self.param_groups(self.parameters()), lr=hp.lr, weight_decay=hp.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_class"] = _qualname(self)

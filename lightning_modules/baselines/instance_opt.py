@@ -64,8 +64,9 @@ class FeatureMSE:
     along the first axis, stacked as a batch (the moving features expanded, not copied; each slab's field
     offset by its first row), which spreads the warp over the threads. The mean over all elements does not
     depend on the layout, so the fixed features are rearranged once and the warped slabs are never put back.
-    The value and gradient equal the unsplit computation to float rounding. The moving features are stored
-    channels-last on the CPU (:func:`layers.grid.channels_last`: the same values, a faster warp).
+    The value and gradient equal the unsplit computation to float rounding. The moving features go through
+    :func:`layers.grid.channels_last` (channels-last layout for 3D multi-channel CPU features above a size
+    threshold: the same values, a faster warp).
 
     Args:
         fixed, moving: ``(B, C, *G)`` features (constants).

@@ -334,6 +334,7 @@ class BilevelLearnGN(LearnGN):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt_net = torch.optim.Adam(self.network_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        opt_net = torch.optim.Adam(self.param_groups(self.network_parameters()), lr=hp.lr,
+                                   weight_decay=hp.weight_decay)
         opt_hyper = torch.optim.Adam(self.hyper_parameters(), lr=hp.hyper_lr)
         return [opt_net, opt_hyper]

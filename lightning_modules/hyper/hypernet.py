@@ -172,7 +172,10 @@ class HyperLearnGN(LearnGN):
         if not self.hparams.anneal or self._trainer is None:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0.1 * self.hparams.lr)
+        # cosine annealing of every group's own rate down to 10 % of it (CosineAnnealingLR's eta_min would be one
+        # absolute value for all groups, wrong for an encoder group with its own rate)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -129,16 +129,19 @@ def test_ddp_fit_and_eval_on_cpu(tmp_path):
     common = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
     tiny = [a for a in TINY if a not in ("--trainer.accelerator", "cpu")]
     tiny[tiny.index("--data.num_val") + 1] = "4"
-    subprocess.run([sys.executable, str(root / "train.py"), "fit", *tiny, *common, "--trainer.max_epochs", "1",
-                    "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-                    "--trainer.logger", "false"], cwd=root, check=True, timeout=300, capture_output=True)
+    def run(*argv: str) -> None:
+        proc = subprocess.run([sys.executable, *argv], cwd=root, timeout=300, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stderr[-4000:]}"
+
+    run(str(root / "train.py"), "fit", *tiny, *common, "--trainer.max_epochs", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+        "--trainer.logger", "false")
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     logged = torch.load(ckpt, map_location="cpu", weights_only=False)
     val_dice = [v for k, v in logged["callbacks"].items() if "ModelCheckpoint" in k][0]["current_score"]
     args = ["--method", "learngn", "--ckpt", str(ckpt), "--split", "val", "--figures", "0", "--no-disp",
             "--accelerator", "cpu"]
-    subprocess.run([sys.executable, str(root / "eval.py"), *args, "--out", str(tmp_path / "ddp"), "--devices", "2",
-                    "--strategy", "ddp"], cwd=root, check=True, timeout=300, capture_output=True)
+    run(str(root / "eval.py"), *args, "--out", str(tmp_path / "ddp"), "--devices", "2", "--strategy", "ddp")
     single = eval_cli.main([*args, "--out", str(tmp_path / "single")])
     assert single["n_pairs"] == 4
     assert single["metrics"]["dice"] == pytest.approx(float(val_dice), abs=1e-5)

@@ -283,3 +283,26 @@ def test_bad_inputs(pair3d):
         HandcraftedGN(features="hog")
     with pytest.raises(ValueError, match="init must be"):
         AdamIO(iterations=1).register({**pair3d, "init_disp": torch.zeros(1, 3, 8, 8, 8)})
+
+
+@pytest.mark.parametrize("slabs", [1, 4])
+def test_feature_mse_channels_last_path_is_exact(slabs, monkeypatch):
+    # 32³ with 4 channels is above channels_last's size threshold: the layout used for the warp must not change
+    # the value or the gradient (compared with the moving features forced to stay channels-first)
+    import layers.grid
+    import lightning_modules.baselines.instance_opt as io
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 4, 32, 32, 32, generator=g, dtype=torch.float64)
+    moving = torch.rand(1, 4, 32, 32, 32, generator=g, dtype=torch.float64)
+    v = (2 * torch.randn(1, 3, 32, 32, 32, generator=g, dtype=torch.float64)).requires_grad_()
+    assert layers.grid.channels_last(moving).is_contiguous(memory_format=torch.channels_last_3d)
+    fast = FeatureMSE(fixed, moving, slabs=slabs)
+    value = fast(v)
+    grad, = torch.autograd.grad(value, v)
+    monkeypatch.setattr(io, "channels_last", lambda x: x)
+    plain = FeatureMSE(fixed, moving, slabs=slabs)
+    ref = plain(v)
+    ref_grad, = torch.autograd.grad(ref, v)
+    torch.testing.assert_close(value, ref, rtol=0, atol=1e-15)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-15)

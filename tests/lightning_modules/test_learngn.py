@@ -132,3 +132,21 @@ def test_encoder_learning_rate_is_its_own_group():
     assert {id(p) for p in opt.param_groups[1]["params"]} == enc
     assert not enc & {id(p) for p in opt.param_groups[0]["params"]}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_init_from_an_encoderless_checkpoint_keeps_the_model(tmp_path):
+    # fine-tuning with an encoder added: the encoder's weights are absent from the checkpoint and keep their
+    # identity initialisation, so the loaded model still computes the saved model's field
+    batch = _batch(n=1)
+    plain = LearnGN(spatial_dims=2, features="mind", iterations=2, hidden=2)
+    torch.nn.init.normal_(plain.heads.j_head.branch[-1].weight, std=0.01)
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": plain.state_dict(), "model_class": "lightning_modules.learngn.LearnGN"}, path)
+    tuned = LearnGN(spatial_dims=2, features="mind", iterations=2, hidden=2, encoder_hidden=3, init_from=str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.register(batch), plain.register(batch), rtol=0, atol=1e-6)
+    # ... while other missing weights are still an error
+    bad = {k: v for k, v in plain.state_dict().items() if not k.startswith("gn.jf.f_head")}
+    torch.save({"state_dict": bad, "model_class": "lightning_modules.learngn.LearnGN"}, path)
+    with pytest.raises(ValueError, match="missing keys"):
+        LearnGN(spatial_dims=2, features="mind", iterations=2, hidden=2, init_from=str(path))
