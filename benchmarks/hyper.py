@@ -19,7 +19,8 @@ The runs behind ``benchmarks/results/hyper.md`` (with ``.venv/bin/python``)::
   python benchmarks/hyper.py amortised
   python benchmarks/hyper.py schedule --steps 30 --epochs 30 --lr 0.001 --max-log-delta 0.5 --baseline-scale 0.5 \
       --n-freq 2 --train-pairs 32 --select-on-val --batch-size 8
-  python benchmarks/hyper.py schedule --steps 270 --epochs 10 --lr 0.001 --max-log-delta 1.0
+  python benchmarks/hyper.py schedule --steps 270 --epochs 10 --lr 0.001 --max-log-delta 1.0 --n-freq 2 \
+      --select-on-val --batch-size 8
   python benchmarks/hyper.py schedule --steps 10 --epochs 30 --lr 0.001 --max-log-delta 0.5 --n-freq 2 \
       --train-pairs 32 --select-on-val --baseline-constant --batch-size 8
   python benchmarks/hyper.py report
@@ -831,6 +832,14 @@ def summary_lines() -> list[str]:
             f"| T = {steps}: learned beats piecewise and the best of 10 constants (TRE) | "
             f"{d['learned']['tre']:.4f} vs {d['piecewise']['tre']:.4f} / {best:.4f} mm | {mark(ok)} |"
         )
+        if "baseline_result" in d:
+            base = d["baseline_result"]["tre"]
+            out.append(
+                f"| T = {steps}: meta-training improves on its starting point (TRE; context, not a target) | "
+                f"{d['learned']['tre']:.4f} vs {base:.4f} mm untrained "
+                f"({100 * (d['learned']['tre'] / base - 1):+.1f} %) | "
+                f"{'yes' if d['learned']['tre'] < base else 'no'} |"
+            )
     return out + [""]
 
 
