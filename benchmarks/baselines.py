@@ -45,6 +45,8 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("handcrafted GN (MIND, defaults: full resolution, stride 4, λ 0.3→0.03)", "gn", {}),
     ("handcrafted GN (MIND pooled ×2, stride 4, λ 1→0.1; gn_mind.yaml)", "gn",
      {"feature_stride": 2, "lam": (1.0, 0.1)}),
+    ("handcrafted GN, compositive updates (MIND pooled ×2, λ 1→0.3, 25 it; gn_compose.yaml)", "gn",
+     {"feature_stride": 2, "lam": (1.0, 0.3), "iterations": 25, "update": "compose"}),
     ("AdamIO piecewise (270 it)", "adam", {"preset": "piecewise"}),
     ("AdamIO constant (100 it)", "adam", {"preset": "constant"}),
     ("ConvexAdam", "convexadam", {}),

@@ -23,11 +23,16 @@ from .gn_solve import gn_solve
 from .grid import channels_last, coarse_shape, spatial_dims, upsample_field
 from .heads import handcrafted_jf
 from .laplacian import laplacian_apply
-from .warp import warp_image
+from .warp import compose, warp_image
 
-__all__ = ["GNRegistration", "assemble_normal_equations", "geometric_schedule", "gn_step", "pad_to_multiple"]
+__all__ = ["UPDATES", "GNRegistration", "assemble_normal_equations", "geometric_schedule", "gn_step",
+           "pad_to_multiple"]
 
 JFFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+#: GN update rules (see :func:`gn_step`)
+UPDATES = ("add", "compose")
 
 
 def geometric_schedule(start: float, end: float, steps: int) -> list[float]:
@@ -75,6 +80,7 @@ def gn_step(
     jf: JFFunction | None = None,
     coupling: str = "full",
     detach_warp: bool = False,
+    update: str = "add",
     **solver_kwargs,
 ) -> torch.Tensor:
     """One Gauss-Newton step; returns the updated coarse field.
@@ -87,17 +93,27 @@ def gn_step(
         jf: ``(fixed, warped) -> (J, f)``; default :func:`layers.heads.handcrafted_jf` at ``stride``.
         coupling: ``"full"`` or ``"diagonal"`` (see :func:`layers.gn_solve`).
         detach_warp: warp with ``u.detach()`` (no gradient through the warp into earlier iterations).
+        update: ``"add"`` (DESIGN.md §3: the system regularises the whole field, ``(H + λL) δ = −(g + λLu)``,
+            ``u ← u + α δ``) or ``"compose"`` (the regulariser acts on the increment only, ``(H + λL) δ = −g``,
+            and the maps are composed, ``u ← α δ + u ∘ (id + α δ)`` via :func:`layers.warp.compose`: each
+            step is a small smooth map, so the total field can grow large without folding, like fluid /
+            demons-type registration).
         solver_kwargs: passed to :func:`layers.gn_solve` (``rtol``, ``maxiter``, ``backend``, ...).
     """
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; known: {', '.join(UPDATES)}")
     shape = fixed.shape[2:]
     warped = warp_image(moving, upsample_field(u.detach() if detach_warp else u, shape, stride))
     jac, res = jf(fixed, warped) if jf is not None else handcrafted_jf(fixed, warped, stride)
     hess, grad = assemble_normal_equations(jac, res)
     lam_b = lam.reshape(-1, *([1] * (u.dim() - 1))) if torch.is_tensor(lam) else lam
-    rhs = -(grad + lam_b * laplacian_apply(u))
+    rhs = -(grad + lam_b * laplacian_apply(u)) if update == "add" else -grad
     delta = gn_solve(hess, rhs, lam, coupling=coupling, **solver_kwargs)
     step_b = step.reshape(-1, *([1] * (u.dim() - 1))) if torch.is_tensor(step) else step
-    return u + step_b * delta
+    if update == "add":
+        return u + step_b * delta
+    # both fields are in full-resolution voxels on the coarse grid of spacing `stride`
+    return compose(step_b * delta / stride, u / stride) * stride
 
 
 @dataclass
@@ -125,6 +141,7 @@ class GNRegistration(nn.Module):
         detach_warp: warp with a detached copy of the current field, so gradients reach each iteration's
             ``J`` and ``f`` directly and not back through earlier warps (truncated backpropagation; the
             forward result is unchanged).
+        update: ``"add"`` (the reference) or ``"compose"`` (see :func:`gn_step`).
     """
 
     def __init__(
@@ -137,8 +154,12 @@ class GNRegistration(nn.Module):
         jf: nn.Module | None = None,
         solver: dict | None = None,
         detach_warp: bool = False,
+        update: str = "add",
     ) -> None:
         super().__init__()
+        if update not in UPDATES:
+            raise ValueError(f"unknown update {update!r}; known: {', '.join(UPDATES)}")
+        self.update = update
         self.detach_warp = bool(detach_warp)
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1; got {iterations}")
@@ -196,7 +217,8 @@ class GNRegistration(nn.Module):
         history = []
         for t in range(self.iterations):
             u = gn_step(fixed_p, moving_p, u, lams[t], stride=s, step=steps[t], jf=self.jf,
-                        coupling=self.coupling, detach_warp=self.detach_warp, **self.solver)
+                        coupling=self.coupling, detach_warp=self.detach_warp, update=self.update,
+                        **self.solver)
             if return_history:
                 history.append(u)
         padded_shape = fixed_p.shape[2:]

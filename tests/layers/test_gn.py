@@ -121,3 +121,43 @@ def test_gn_channels_last_path_is_exact(monkeypatch):
     plain = run()
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_compositive_gn_halves_the_endpoint_error():
+    shape = (96, 96)
+    moving = _smooth_image(shape, 0)
+    truth = _smooth_field(shape, 5.0)
+    fixed = warp_image(moving, truth)
+    out = GNRegistration(iterations=10, stride=4, lam=(0.05, 0.01), update="compose")(fixed, moving)
+    before, after = _epe(torch.zeros_like(truth), truth, 8), _epe(out.disp, truth, 8)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_compositive_step_from_zero_equals_the_additive_one_and_composes_after():
+    # from u = 0 both rules solve (H + λL) δ = −g and return α δ; from u ≠ 0 the compositive rule solves the
+    # system without the λ L u term and returns α δ(x) + u(x + α δ(x) / s) (fields in full-resolution voxels
+    # on the coarse grid of spacing s)
+    from layers import gn_solve
+    from layers.grid import upsample_field
+    from layers.heads import handcrafted_jf
+
+    shape = (32, 32)
+    moving = _smooth_image(shape, 2)
+    fixed = warp_image(moving, _smooth_field(shape, 2.0))
+    zero = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    kw = {"stride": 4, "step": 0.7, "rtol": 1e-12, "maxiter": 2000}
+    a = gn_step(fixed, moving, zero, 0.05, update="add", **kw)
+    c = gn_step(fixed, moving, zero, 0.05, update="compose", **kw)
+    torch.testing.assert_close(c, a, rtol=0, atol=1e-10)
+
+    u = 0.5 * torch.randn(1, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = gn_step(fixed, moving, u, 0.05, update="compose", **kw)
+    jac, res = handcrafted_jf(fixed, warp_image(moving, upsample_field(u, shape, 4)), 4)
+    hess, grad = assemble_normal_equations(jac, res)
+    step = 0.7 * gn_solve(hess, -grad, 0.05, rtol=1e-12, maxiter=2000)
+    expected = step + warp_image(u, step / 4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="unknown update"):
+        gn_step(fixed, moving, zero, 0.05, update="fluid")
+    with pytest.raises(ValueError, match="unknown update"):
+        GNRegistration(update="fluid")
