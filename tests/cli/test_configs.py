@@ -23,3 +23,20 @@ def test_recipe_instantiates(recipe, tmp_path, monkeypatch):
     cli = train.main(["-c", str(recipe)], run=False)
     assert cli.model.hparams is not None
     assert cli.datamodule is not None
+
+
+BASELINE_CONFIGS = sorted((ROOT / "configs" / "baselines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", BASELINE_CONFIGS, ids=lambda p: p.name)
+def test_baseline_config_instantiates(config):
+    # the way eval.py reads --method-config: the init_args (or the whole mapping) are the method's arguments
+    from lightning_modules.baselines import make_baseline
+
+    cfg = yaml.safe_load(config.read_text()) or {}
+    args = dict(cfg.get("init_args", cfg))
+    class_name = cfg.get("class_path", "").rsplit(".", 1)[-1]
+    names = {"HandcraftedGN": "gn", "AdamIO": "adam", "ConvexAdam": "convexadam", "Identity": "identity"}
+    assert class_name in names, f"{config.name}: unexpected class_path {cfg.get('class_path')!r}"
+    model = make_baseline(names[class_name], **args)
+    assert type(model).__name__ == class_name
