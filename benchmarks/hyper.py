@@ -10,6 +10,8 @@ Subcommands (each writes ``benchmarks/results/hyper_<name>.json`` and figures; `
 * ``guard``     — the guard runs again at low noise (σ = 0.02), longer;
 * ``amortised`` — the λ-conditioned hypernetwork (:class:`HyperLearnGN`): smoothness along a λ sweep, Dice
   against LearnGN models trained at fixed λ, and λ selection (gradient descent vs sweep);
+* ``linesearch`` — the exact full-batch meta-gradient of the schedule at the best training constant and the
+  training TRE along the descent direction (is the meta-gradient useful, and how far?);
 * ``report``    — write ``hyper.md`` (recomputes the hypergradient check and the schedule cliff table).
 
 The runs behind ``benchmarks/results/hyper.md`` (with ``.venv/bin/python``)::
@@ -19,11 +21,14 @@ The runs behind ``benchmarks/results/hyper.md`` (with ``.venv/bin/python``)::
   python benchmarks/hyper.py amortised
   python benchmarks/hyper.py schedule --steps 10 --epochs 40 --lr 0.001 --max-log-delta 0.2 --n-freq 2 \
       --train-pairs 32 --val-pairs 32 --test-pairs 64 --select-on-val --baseline-constant --batch-size 32
-  python benchmarks/hyper.py schedule --steps 20 ...   (the same options)
+  python benchmarks/hyper.py schedule --steps 20 --epochs 40 --lr 0.001 --max-log-delta 0.2 --n-freq 2 \
+      --train-pairs 32 --val-pairs 32 --test-pairs 64 --select-on-val --baseline-constant --batch-size 32
   python benchmarks/hyper.py schedule --steps 30 --epochs 40 --lr 0.001 --max-log-delta 0.2 --n-freq 2 \
       --train-pairs 32 --val-pairs 32 --test-pairs 64 --select-on-val --baseline-scale 0.5 --batch-size 32
   python benchmarks/hyper.py schedule --steps 270 --epochs 10 --lr 0.001 --max-log-delta 0.2 --n-freq 2 \
       --train-pairs 32 --val-pairs 32 --test-pairs 64 --select-on-val --batch-size 32
+  python benchmarks/hyper.py linesearch --steps 10
+  python benchmarks/hyper.py linesearch --steps 20 --magnitude 0.25
   python benchmarks/hyper.py report
 
 ``--quick`` gives tiny smoke budgets. Each run takes minutes to tens of minutes on 2 CPU cores (one torch
@@ -159,6 +164,17 @@ def evaluate_adam(
     return mean_metrics([pair_metrics(b, model.register(b), hd95=False) for b in test])
 
 
+#: the constant learning rates compared with the learned schedules, in the piecewise preset's unit (1/15 voxel):
+#: 0.033 .. 2 voxels per step
+CONSTANT_LRS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
+
+
+def best_constant(steps: int, pairs: list[dict], step_unit: float) -> float:
+    """The constant of :data:`CONSTANT_LRS` with the lowest mean TRE of AdamIO (``steps`` steps) on ``pairs``."""
+    tre = {lr: evaluate_adam(float(lr), steps, pairs, step_unit)["tre"] for lr in CONSTANT_LRS}
+    return min(tre, key=tre.get)
+
+
 def bench_schedule(args: argparse.Namespace) -> dict:
     from lightning_modules.baselines.schedules import PRESETS
     from lightning_modules.hyper.schedule import ScheduleMetaLearner, adam_settings, save_schedule
@@ -172,9 +188,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     test = batches(dm, "test")
     val = batches(dm, "val")
     t0 = time.time()
-    # ten constant learning rates, in the piecewise preset's unit (1/15 voxel): 0.033 .. 2 voxels per step
-    constants = [0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0]
-    const = {lr: evaluate_adam(float(lr), steps, test, unit) for lr in constants}
+    const = {lr: evaluate_adam(float(lr), steps, test, unit) for lr in CONSTANT_LRS}
     piecewise = (
         PiecewiseLR()
         if steps == 270
@@ -190,9 +204,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         raise SystemExit("--baseline-constant and --baseline-scale exclude each other")
     if args.baseline_constant:
         # a tuned baseline: the best of the constants on the *training* pairs (the test pairs stay unseen)
-        train = batches(dm, "train")
-        on_train = {lr: evaluate_adam(float(lr), steps, train, unit)["tre"] for lr in constants}
-        train_constant = min(on_train, key=on_train.get)
+        train_constant = best_constant(steps, batches(dm, "train"), unit)
         base_values = torch.full((steps,), float(train_constant), dtype=torch.float64)
     model = ScheduleMetaLearner(
         preset="piecewise",
@@ -885,9 +897,7 @@ def line_search(steps: int = 10, pairs: int = 32, magnitude: float = 0.15) -> di
     unit = PRESETS["piecewise"].step_unit
     dm = make_data(num_train=pairs, num_val=1, num_test=1, magnitude=magnitude)
     train = batches(dm, "train")
-    constants = [0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0]
-    on_train = {lr: evaluate_adam(float(lr), steps, train, unit)["tre"] for lr in constants}
-    best = min(on_train, key=on_train.get)
+    best = best_constant(steps, train, unit)
     base = torch.full((steps,), float(best), dtype=torch.float64)
     module = ScheduleMetaLearner(preset="piecewise", steps=steps, baseline=[float(v) for v in base], outer="tre")
     log_lr = base.log().clone().requires_grad_()
