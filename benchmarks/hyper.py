@@ -216,6 +216,9 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         lr=args.lr or 0.01,
         max_log_delta=args.max_log_delta,
         n_freq=args.n_freq,
+        perturb=args.perturb,
+        perturb_samples=args.perturb_samples,
+        meta_gradient=args.meta_gradient,
     )
     untrained = model.schedule_values().detach().clone()
     epochs = args.epochs or (3 if args.quick else 10)
@@ -225,7 +228,8 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     if select is not None:
         callbacks.append(select)
     trainer(max_epochs=epochs, gradient_clip_val=1.0, callbacks=callbacks).fit(model, datamodule=dm)
-    path = save_schedule(model, RESULTS / f"hyper_schedule_T{steps}.pt")
+    name = f"schedule_T{steps}" + (f"_{args.tag}" if args.tag else "")
+    path = save_schedule(model, RESULTS / f"hyper_{name}.pt")
     res_base = evaluate_adam(ValuesLR(tuple(float(v) for v in base_values)), steps, test, unit)
     settings = adam_settings(path)
     model_eval = AdamIO(**settings)
@@ -233,6 +237,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     best_const = min(const, key=lambda k: const[k]["tre"])
     out = {
         "steps": steps,
+        "name": name,
         "epochs": epochs,
         "step_unit": unit,
         "train_pairs": len(dm.datasets["train"]),
@@ -254,6 +259,9 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         "piecewise_values": pw_values.tolist(),
         "meta_loss": curve.values,
         "n_freq": args.n_freq,
+        "perturb": args.perturb,
+        "perturb_samples": args.perturb_samples,
+        "meta_gradient": args.meta_gradient,
         "outer": args.outer,
         "batch_size": args.batch_size,
         "selected_on_val": None if select is None else {
@@ -276,11 +284,14 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         + (f" --n-freq {args.n_freq}" if args.n_freq != 4 else "")
         + (f" --outer {args.outer}" if args.outer != "tre" else "")
         + (f" --batch-size {args.batch_size}" if args.batch_size != 4 else "")
+        + (f" --perturb {args.perturb} --perturb-samples {args.perturb_samples}" if args.perturb else "")
+        + (f" --meta-gradient {args.meta_gradient}" if args.meta_gradient != "pathwise" else "")
         + (" --select-on-val" if args.select_on_val else "")
-        + (" --baseline-constant" if args.baseline_constant else ""),
+        + (" --baseline-constant" if args.baseline_constant else "")
+        + (f" --tag {args.tag}" if args.tag else ""),
     }
     _plot_schedule(out)
-    write_json(f"schedule_T{steps}", out)
+    write_json(name, out)
     return out
 
 
@@ -316,7 +327,7 @@ def _plot_schedule(out: dict) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"AdamIO learning-rate schedules, T = {out['steps']}, synthetic 2D 64×64")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"hyper_schedule_T{out['steps']}.png", dpi=120)
+    fig.savefig(RESULTS / f"hyper_{out['name']}.png", dpi=120)
     plt.close(fig)
 
 
@@ -1268,6 +1279,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-freq", type=int, default=4, help="schedule: Fourier frequencies of the network")
     parser.add_argument("--outer", default="tre", choices=["tre", "epe", "label", "mixed"],
                         help="schedule: meta-objective (held-out comparison is always by TRE)")
+    parser.add_argument("--tag", default="", help="schedule: suffix of the result files (a variant run)")
+    parser.add_argument("--meta-gradient", default="pathwise", choices=["pathwise", "es"],
+                        help="schedule: backpropagation through the unroll, or antithetic evolution strategies")
+    parser.add_argument("--perturb", type=float, default=0.0,
+                        help="schedule: σ of the Gaussian smoothing of log η during meta-training (0: none)")
+    parser.add_argument("--perturb-samples", type=int, default=2,
+                        help="schedule: perturbed unrolls per meta-step (antithetic pairs when even)")
     parser.add_argument("--batch-size", type=int, default=4, help="schedule: training pairs per meta-step")
     parser.add_argument(
         "--select-on-val",
