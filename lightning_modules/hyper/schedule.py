@@ -311,6 +311,9 @@ class ScheduleMetaLearner(RegistrationModule):
             the narrow local minima in which plain gradient descent stops. Validation and export use the
             unperturbed schedule.
         perturb_samples: perturbed unrolls per training batch (>= 1).
+        perturb_basis: ``"steps"`` (independent noise per step) or ``"fourier"`` (noise in the span of the
+            constant and the network's Fourier features: smooth changes of the schedule, each step still with
+            standard deviation ``σ``; with ``"es"`` the estimate is the gradient projected onto that span).
         meta_gradient: ``"pathwise"`` (backpropagation through the unrolled Adam, with the perturbations
             above when ``perturb > 0``) or ``"es"`` (evolution strategies: the antithetic estimate
             ``ĝ = Σ_k (L(log η + σε_k) − L(log η − σε_k)) ε_k / (2σK)`` of the gradient of the smoothed
@@ -346,6 +349,7 @@ class ScheduleMetaLearner(RegistrationModule):
         checkpoint_every: int = 10,
         perturb: float = 0.0,
         perturb_samples: int = 1,
+        perturb_basis: str = "steps",
         meta_gradient: str = "pathwise",
         lam: float = 1.25,
         stride: int = 2,
@@ -366,6 +370,8 @@ class ScheduleMetaLearner(RegistrationModule):
             raise ValueError(f"need steps >= 1 and step_unit > 0; got {steps}, {step_unit}")
         if not (perturb >= 0 and math.isfinite(perturb)) or int(perturb_samples) < 1:
             raise ValueError(f"need perturb >= 0 and perturb_samples >= 1; got {perturb}, {perturb_samples}")
+        if perturb_basis not in ("steps", "fourier"):
+            raise ValueError(f"unknown perturb_basis {perturb_basis!r}; known: steps, fourier")
         if meta_gradient not in ("pathwise", "es"):
             raise ValueError(f"unknown meta_gradient {meta_gradient!r}; known: pathwise, es")
         if meta_gradient == "es" and (perturb <= 0 or int(perturb_samples) % 2):
@@ -470,9 +476,25 @@ class ScheduleMetaLearner(RegistrationModule):
         if hp.perturb == 0:
             return [torch.zeros(self.steps, dtype=torch.float64, device=self.schedule.base.device)]
         k = int(hp.perturb_samples)
-        draws = torch.randn(k // 2 if k % 2 == 0 else k, self.steps, dtype=torch.float64)
+        basis = self.perturbation_basis()
+        draws = torch.randn(k // 2 if k % 2 == 0 else k, basis.shape[1], dtype=torch.float64)
+        draws = draws @ basis.T
         eps = torch.cat([draws, -draws]) if k % 2 == 0 else draws
         return [float(hp.perturb) * e.to(self.schedule.base.device) for e in eps]
+
+    def perturbation_basis(self) -> torch.Tensor:
+        """``(T, d)`` float64: the directions of the perturbations, scaled so that each step's perturbation
+        has standard deviation ``σ``: the identity (``perturb_basis="steps"``, ``d = T``: independent per
+        step) or ``sqrt(T/d) Q`` with ``Q`` an orthonormal basis of the span of the constant and the schedule
+        network's Fourier features of ``t/T`` (``"fourier"``, ``d = 2·n_freq + 2``: smooth, low-dimensional
+        changes of the schedule's shape)."""
+        if self.hparams.perturb_basis == "steps":
+            return torch.eye(self.steps, dtype=torch.float64)
+        feats = self.schedule.features().to(torch.float64).cpu()
+        feats = torch.cat([torch.ones(self.steps, 1, dtype=torch.float64), feats], dim=1)
+        q, r = torch.linalg.qr(feats)
+        q = q[:, r.diagonal().abs() > 1e-8 * r.diagonal().abs().max()]  # drop dependent features
+        return q * math.sqrt(self.steps / q.shape[1])
 
     def meta_loss(
         self, batch: dict[str, Any], lrs: torch.Tensor | None = None
@@ -499,7 +521,10 @@ class ScheduleMetaLearner(RegistrationModule):
             results = [self.meta_loss(batch, (log_eta + e).exp()) for e in eps]
         losses = torch.stack([r[0].detach().to(torch.float64) for r in results])
         k = len(eps) // 2
-        grad = sum((losses[j] - losses[j + k]) * eps[j] for j in range(k)) / (2 * sigma**2 * k)
+        # E[f(x + σe) Σ⁺e] / σ with Cov(e) = Σ = B Bᵀ: the gradient projected onto the span of the basis B
+        basis = self.perturbation_basis().to(log_eta.device)
+        scale = basis.shape[1] / self.steps if self.hparams.perturb_basis == "fourier" else 1.0
+        grad = scale * sum((losses[j] - losses[j + k]) * eps[j] for j in range(k)) / (2 * sigma**2 * k)
         return grad, losses.mean(), torch.stack([r[1].detach() for r in results]).mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
