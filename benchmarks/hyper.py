@@ -156,12 +156,25 @@ def write_json(name: str, data: dict) -> Path:
 
 
 def evaluate_adam(
-    schedule, iterations: int, test: list[dict], step_unit: float = 1.0 / 15.0
-) -> dict[str, float]:
+    schedule, iterations: int, test: list[dict], step_unit: float = 1.0 / 15.0, per_pair: bool = False
+) -> dict[str, Any]:
     """AdamIO (the baseline class, as ``eval.py --method adam``) with ``schedule`` on batches ``test``;
-    learning rates in ``step_unit`` voxels (1/15: the piecewise preset's unit)."""
+    learning rates in ``step_unit`` voxels (1/15: the piecewise preset's unit). Mean metrics, plus the
+    per-pair TRE list ``"tre_pairs"`` with ``per_pair`` (for paired comparisons)."""
     model = AdamIO(schedule=schedule, iterations=iterations, step_unit=step_unit)
-    return mean_metrics([pair_metrics(b, model.register(b), hd95=False) for b in test])
+    records = [pair_metrics(b, model.register(b), hd95=False) for b in test]
+    out: dict[str, Any] = mean_metrics(records)
+    if per_pair:
+        out["tre_pairs"] = [float(v) for r in records for v in r["tre"]]
+    return out
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean of the per-pair differences ``a − b``, its standard error, and the fraction of pairs where
+    ``a < b`` (a paired comparison of two schedules on the same test pairs)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return {"mean": float(d.mean()), "se": float(d.std() / math.sqrt(d.numel())),
+            "wins": float((d < 0).double().mean()), "pairs": int(d.numel())}
 
 
 #: the constant learning rates compared with the learned schedules, in the piecewise preset's unit (1/15 voxel):
@@ -188,7 +201,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     test = batches(dm, "test")
     val = batches(dm, "val")
     t0 = time.time()
-    const = {lr: evaluate_adam(float(lr), steps, test, unit) for lr in CONSTANT_LRS}
+    const = {lr: evaluate_adam(float(lr), steps, test, unit, per_pair=True) for lr in CONSTANT_LRS}
     piecewise = (
         PiecewiseLR()
         if steps == 270
@@ -197,7 +210,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         )
     )
     pw_values = schedule_values(piecewise, steps)
-    pw = evaluate_adam(piecewise, steps, test, unit)
+    pw = evaluate_adam(piecewise, steps, test, unit, per_pair=True)
     base_values = pw_values * args.baseline_scale
     train_constant = None
     if (args.baseline_constant or args.baseline_best) and args.baseline_scale != 1.0:
@@ -224,6 +237,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         perturb_samples=args.perturb_samples,
         meta_gradient=args.meta_gradient,
         perturb_basis=args.perturb_basis,
+        frozen_steps=args.frozen_steps,
     )
     untrained = model.schedule_values().detach().clone()
     epochs = args.epochs or (3 if args.quick else 10)
@@ -238,8 +252,14 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     res_base = evaluate_adam(ValuesLR(tuple(float(v) for v in base_values)), steps, test, unit)
     settings = adam_settings(path)
     model_eval = AdamIO(**settings)
-    res_learned = mean_metrics([pair_metrics(b, model_eval.register(b), hd95=False) for b in test])
+    records = [pair_metrics(b, model_eval.register(b), hd95=False) for b in test]
+    res_learned = mean_metrics(records)
+    res_learned["tre_pairs"] = [float(v) for r in records for v in r["tre"]]
     best_const = min(const, key=lambda k: const[k]["tre"])
+    paired = {
+        "piecewise": paired_difference(res_learned["tre_pairs"], pw["tre_pairs"]),
+        "best_constant": paired_difference(res_learned["tre_pairs"], const[best_const]["tre_pairs"]),
+    }
     out = {
         "steps": steps,
         "name": name,
@@ -260,6 +280,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         "piecewise": pw,
         "learned": res_learned,
         "baseline_result": res_base,
+        "paired": paired,
         "best_constant_test": best_const,
         "learned_values": list(settings["schedule"].values),
         "piecewise_values": pw_values.tolist(),
@@ -269,6 +290,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         "perturb_samples": args.perturb_samples,
         "meta_gradient": args.meta_gradient,
         "perturb_basis": args.perturb_basis,
+        "frozen_steps": args.frozen_steps,
         "outer": args.outer,
         "batch_size": args.batch_size,
         "selected_on_val": None if select is None else {
@@ -294,6 +316,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         + (f" --perturb {args.perturb} --perturb-samples {args.perturb_samples}" if args.perturb else "")
         + (f" --meta-gradient {args.meta_gradient}" if args.meta_gradient != "pathwise" else "")
         + (f" --perturb-basis {args.perturb_basis}" if args.perturb_basis != "steps" else "")
+        + (f" --frozen-steps {args.frozen_steps}" if args.frozen_steps else "")
         + (" --select-on-val" if args.select_on_val else "")
         + (" --baseline-constant" if args.baseline_constant else "")
         + (" --baseline-best" if args.baseline_best else "")
@@ -949,6 +972,21 @@ def _fmt(v: float, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def _meta_gradient_text(d: dict) -> str:
+    """How the schedule's meta-gradient was computed in run ``d`` (report text)."""
+    sigma, k = d.get("perturb", 0.0), d.get("perturb_samples", 1)
+    basis = ("smooth perturbations in the span of the constant and the Fourier features"
+             if d.get("perturb_basis") == "fourier" else "independent perturbations per step")
+    if d.get("meta_gradient") == "es":
+        return (f"by antithetic evolution strategies through the AdamIO loop ({k // 2} pairs of forward unrolls "
+                f"per meta-step at log η ± σε, σ = {sigma}, {basis}: the gradient of the Gaussian-smoothed "
+                "meta-objective, which sees the instability cliff that backpropagated gradients miss)")
+    text = "through a differentiable Adam with gradient checkpointing"
+    if sigma:
+        text += f" (mean over {k} unrolls at log η + σε, σ = {sigma}, {basis})"
+    return text
+
+
 def report(args: argparse.Namespace) -> dict:
     lines = [
         "# Learned hyper-parameters (issue 6)",
@@ -1147,7 +1185,7 @@ def report(args: argparse.Namespace) -> dict:
             f"**{d['untrained_equals_baseline']}**. Meta-trained {d['epochs']} epochs "
             f"({-(-d['train_pairs'] // d.get('batch_size', 4))} batches of {d.get('batch_size', 4)} of the "
             f"{d['train_pairs']} training pairs each, {d.get('n_freq', 4)} Fourier frequencies, Adam lr "
-            f"{d['meta_lr']}, gradient clipping 1) through a differentiable Adam with gradient checkpointing; "
+            f"{d['meta_lr']}, gradient clipping 1) " + _meta_gradient_text(d) + "; "
             + ("outer loss = keypoint TRE at the end + 0.2 × TRE at the segment ends along the way. "
                if d.get("outer", "tre") == "tre" else
                f"outer loss = {d['outer']} at the end + 0.2 × the same at the segment ends along the way. ")
@@ -1177,6 +1215,12 @@ def report(args: argparse.Namespace) -> dict:
                 f"{100 * r['folding']:.2f} % |"
             )
         beats = d["learned"]["tre"] < min(d["piecewise"]["tre"], d["constants"][best]["tre"])
+        paired = d.get("paired")
+        paired_text = "" if not paired else (
+            " Paired over the same test pairs (learned − reference, mean ± standard error, fraction of pairs "
+            "where the learned schedule is better): "
+            + "; ".join(f"vs {name.replace('_', ' ')} {v['mean']:+.4f} ± {v['se']:.4f} mm ({100 * v['wins']:.0f} %)"
+                        for name, v in paired.items()) + ".")
         lines += [
             "",
             f"The learned schedule beats the piecewise schedule and the best of {len(d['constants'])} "
@@ -1188,9 +1232,9 @@ def report(args: argparse.Namespace) -> dict:
             + (f" Against its own starting point (the untrained network, {d['baseline_result']['tre']:.4f} mm) "
                f"meta-training changed the held-out TRE by "
                f"{100 * (d['learned']['tre'] / d['baseline_result']['tre'] - 1):+.1f} %."
-               if "baseline_result" in d else ""),
+               if "baseline_result" in d else "") + paired_text,
             "",
-            f"![schedule T={d['steps']}](hyper_schedule_T{d['steps']}.png)",
+            f"![schedule T={d['steps']}](hyper_{d.get('name', 'schedule_T' + str(d['steps']))}.png)",
             "",
         ]
     for path in sorted(RESULTS.glob("hyper_linesearch_T*.json")):
@@ -1296,6 +1340,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="schedule: suffix of the result files (a variant run)")
     parser.add_argument("--meta-gradient", default="pathwise", choices=["pathwise", "es"],
                         help="schedule: backpropagation through the unroll, or antithetic evolution strategies")
+    parser.add_argument("--frozen-steps", type=int, default=0,
+                        help="schedule: the first steps keep the baseline learning rate (not learned)")
     parser.add_argument("--perturb-basis", default="steps", choices=["steps", "fourier"],
                         help="schedule: perturbations independent per step or smooth (Fourier span)")
     parser.add_argument("--perturb", type=float, default=0.0,

@@ -82,6 +82,11 @@ class FourierSchedule(nn.Module):
         depth: hidden layers (>= 1).
         max_log_delta: optional bound ``|log η − log η_baseline| <= max_log_delta`` (soft, by ``tanh``); None:
             unbounded.
+        frozen_steps: the first ``frozen_steps`` values stay at the baseline (not learned). Adam's first update
+            is ``η_0 · sign(g)`` whatever the gradient (bias-corrected ``m/√v = g/|g|``), a displacement of
+            ``η_0`` everywhere rather than a gradient step; with the piecewise preset ``η_0 = 15`` is exactly one
+            coarse voxel, a sharp optimum of the final error next to a cliff (``η_0`` = 12 or 17 are both much
+            worse), where the meta-gradient is useless. Freezing it lets the later steps be learned.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class FourierSchedule(nn.Module):
         hidden: int = 32,
         depth: int = 2,
         max_log_delta: float | None = None,
+        frozen_steps: int = 0,
     ) -> None:
         super().__init__()
         base = torch.as_tensor(baseline, dtype=torch.float64).reshape(-1).clone()
@@ -98,7 +104,9 @@ class FourierSchedule(nn.Module):
             raise ValueError("baseline must be a non-empty sequence of finite positive values")
         if n_freq < 0 or hidden < 1 or depth < 1:
             raise ValueError(f"need n_freq >= 0, hidden >= 1, depth >= 1; got {n_freq}, {hidden}, {depth}")
-        self.n_freq, self.max_log_delta = int(n_freq), max_log_delta
+        if not 0 <= int(frozen_steps) < base.numel():
+            raise ValueError(f"frozen_steps must be in [0, {base.numel()}); got {frozen_steps}")
+        self.n_freq, self.max_log_delta, self.frozen_steps = int(n_freq), max_log_delta, int(frozen_steps)
         self.register_buffer("base", base)
         layers: list[nn.Module] = []
         width = 2 * self.n_freq + 1
@@ -128,6 +136,8 @@ class FourierSchedule(nn.Module):
         delta = self.mlp(self.features().to(self.mlp[0].weight.dtype))[:, 0].to(torch.float64)
         if self.max_log_delta is not None:
             delta = self.max_log_delta * torch.tanh(delta / self.max_log_delta)
+        if self.frozen_steps:
+            delta = torch.cat([delta.new_zeros(self.frozen_steps), delta[self.frozen_steps:]])
         return delta
 
     def log_values(self) -> torch.Tensor:
@@ -294,7 +304,7 @@ class ScheduleMetaLearner(RegistrationModule):
         steps: the horizon ``T`` (None: the preset's iterations).
         step_unit: coarse-grid voxels per unit of the Adam parameter (None: the preset's).
         baseline: the schedule the network starts from: ``"piecewise"``, ``"constant"``, a number or values.
-        n_freq, hidden, depth, max_log_delta: :class:`FourierSchedule` options.
+        n_freq, hidden, depth, max_log_delta, frozen_steps: :class:`FourierSchedule` options.
         outer: the meta-objective at the end: ``"tre"`` (keypoint distance, mm), ``"label"`` (1 − soft Dice of
             the warped labels), ``"epe"`` (mean end-point error to ``true_disp``, voxels; synthetic data) or
             ``"mixed"`` (tre + label).
@@ -344,6 +354,7 @@ class ScheduleMetaLearner(RegistrationModule):
         hidden: int = 32,
         depth: int = 2,
         max_log_delta: float | None = 1.0,
+        frozen_steps: int = 0,
         outer: str = "tre",
         w_path: float = 0.0,
         checkpoint_every: int = 10,
@@ -379,7 +390,7 @@ class ScheduleMetaLearner(RegistrationModule):
                              f"{perturb}, {perturb_samples}")
         self.save_hyperparameters()
         self.schedule = FourierSchedule(
-            baseline_values(baseline, self.steps), n_freq, hidden, depth, max_log_delta
+            baseline_values(baseline, self.steps), n_freq, hidden, depth, max_log_delta, frozen_steps
         )
 
     # --- the schedule ------------------------------------------------------------------------------------
@@ -587,6 +598,7 @@ def save_schedule(
             "hidden": net.mlp[0].out_features,
             "depth": (len(net.mlp) - 1) // 2,
             "max_log_delta": net.max_log_delta,
+            "frozen_steps": net.frozen_steps,
         }
         if isinstance(source, ScheduleMetaLearner):
             record["step_unit"] = source.step_unit
@@ -619,6 +631,7 @@ def _read_schedule(path: str | Path) -> tuple[list[float], float | None]:
             hp.get("hidden", 32),
             hp.get("depth", 2),
             hp.get("max_log_delta", 3.0),
+            hp.get("frozen_steps", 0),
         )
         net.load_state_dict(sd)
         unit = hp.get("step_unit")

@@ -4,6 +4,8 @@ meta-training that lowers the registration error."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -239,3 +241,20 @@ def test_es_training_step_on_real_pairs(pairs):
     after = float(module.error(pairs, module.register(pairs)))
     assert after < before - 0.01, (before, after)
     assert float(module.schedule_values().mean()) > 0.05  # larger steps, as the pathwise meta-gradient finds
+
+
+def test_frozen_steps_keep_the_baseline(tmp_path):
+    """``frozen_steps``: the first values stay at the baseline whatever the weights; the rest move; the
+    setting survives saving."""
+    base = baseline_values("piecewise", 10)
+    net = FourierSchedule(base, n_freq=2, frozen_steps=2, max_log_delta=1.0)
+    with torch.no_grad():
+        net.mlp[-1].bias.fill_(0.5)
+    values = net.values()
+    assert torch.equal(values[:2], base[:2])
+    assert torch.allclose(values[2:], base[2:] * math.exp(math.tanh(0.5)), rtol=1e-12)
+    path = save_schedule(net, tmp_path / "frozen.pt", step_unit=1 / 15)
+    assert load_schedule(path).values == tuple(float(v) for v in values)
+    assert torch.load(path, weights_only=False)["config"]["frozen_steps"] == 2
+    with pytest.raises(ValueError, match="frozen_steps"):
+        FourierSchedule(base, frozen_steps=10)
