@@ -38,6 +38,15 @@ PROBES: list[tuple[str, str, dict[str, Any]]] = [
     ("GN, MIND ×2, λ 1→0.03, 15 it", "gn", {"feature_stride": 2, "lam": (1.0, 0.03), "iterations": 15}),
     ("GN, MIND ×2, λ 0.3→0.01, 20 it", "gn", {"feature_stride": 2, "lam": (0.3, 0.01), "iterations": 20}),
     ("GN, MIND ×2, stride 2, λ 1→0.1", "gn", {"feature_stride": 2, "stride": 2, "lam": (1.0, 0.1)}),
+    # intensity LNCC (images at ½ resolution) in the Adam stage instead of / besides MIND
+    ("ConvexAdam, 40 it, MIND + LNCC r 2", "convexadam", {"iterations": 40, "lncc_weight": 1.0, "lncc_radius": 2}),
+    ("ConvexAdam, 40 it, LNCC r 3 only", "convexadam",
+     {"iterations": 40, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3}),
+    ("ConvexAdam, 40 it, LNCC r 3 only, stride-4 grid, λ 0.5", "convexadam",
+     {"iterations": 40, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4, "lam": 0.5}),
+    ("ConvexAdam, LNCC r 3, stride-4 SVF (5 squarings), λ 0.2, 60 it (convexadam_lncc.yaml)", "convexadam",
+     {"iterations": 60, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4,
+      "velocity_steps": 5, "lam": 0.2}),
 ]
 
 

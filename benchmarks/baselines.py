@@ -52,6 +52,9 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("ConvexAdam", "convexadam", {}),
     ("ConvexAdam, 40 Adam iterations", "convexadam", {"iterations": 40}),
     ("ConvexAdam, λ 2.5, 60 Adam iterations (smoother)", "convexadam", {"lam": 2.5, "iterations": 60}),
+    ("ConvexAdam + diffeomorphic LNCC Adam stage (r 3 at ½ res, stride-4 SVF, λ 0.2, 60 it; convexadam_lncc.yaml)",
+     "convexadam", {"weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "lncc_stride": 2, "adam_stride": 4,
+                    "velocity_steps": 5, "lam": 0.2, "iterations": 60}),
 ]
 COLUMNS = ("dice", "dice30", "hd95", "sdlogj", "sdlogj_l2r", "folding")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from layers.grid import resize_field
-from layers.warp import compose
+from layers.warp import integrate_velocity
 
 __all__ = ["gaussian_smooth", "integrate_velocity", "random_displacement", "smooth_noise"]
 
@@ -67,18 +67,6 @@ def smooth_noise(
     noise = noise - noise.mean(dim=tuple(range(2, 2 + n)), keepdim=True)
     peak = noise.abs().amax(dim=tuple(range(2, 2 + n)), keepdim=True).clamp_min(1e-12)
     return noise / peak
-
-
-def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Scaling and squaring: ``u = exp(v) - id`` for a stationary velocity ``v`` ``(B, n, *S)`` in voxels.
-
-    ``u_0 = v / 2^steps``, then ``steps`` times ``u <- u ∘ u`` (:func:`layers.warp.compose`). The result is a
-    displacement ``(B, n, *S)`` in voxel units whose map ``x + u(x)`` is a diffeomorphism for smooth ``v``.
-    """
-    u = v / (2**steps)
-    for _ in range(steps):
-        u = compose(u, u)
-    return u
 
 
 def _peak_norm(u: torch.Tensor) -> torch.Tensor:

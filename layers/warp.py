@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .grid import check_field, sample, sample_displaced
 
-__all__ = ["compose", "one_hot", "warp_image", "warp_keypoints", "warp_labels", "warp_onehot"]
+__all__ = ["compose", "integrate_velocity", "one_hot", "warp_image", "warp_keypoints", "warp_labels", "warp_onehot"]
 
 
 def _check_pair(moving: torch.Tensor, u: torch.Tensor) -> None:
@@ -77,3 +77,17 @@ def warp_keypoints(points: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def compose(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     """Displacement of the composed map ``x -> x + u1(x) + u2(x + u1(x))`` (``u1`` first, then ``u2``)."""
     return u1 + warp_image(u2, u1)
+
+
+def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: ``u = exp(v) - id`` for a stationary velocity ``v`` ``(B, n, *S)`` in voxels.
+
+    ``u_0 = v / 2^steps``, then ``steps`` times ``u <- u ∘ u`` (:func:`compose`). The result is a
+    displacement ``(B, n, *S)`` in voxel units whose map ``x + u(x)`` is a diffeomorphism for smooth ``v``.
+    """
+    u = v / (2**steps)
+    for _ in range(steps):
+        u = compose(u, u)
+    return u
+
+

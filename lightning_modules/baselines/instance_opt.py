@@ -39,14 +39,15 @@ import torch.nn.functional as F
 from layers.diff import diffusion
 from layers.features import box_filter
 from layers.grid import channels_last, coarse_shape, pool_to_grid, spatial_dims, upsample_field
-from layers.warp import warp_image
+from layers.similarity import LNCC
+from layers.warp import compose, integrate_velocity, warp_image
 
 from .common import grad_ready
 from .schedules import Schedule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureMSE", "adam_optimise", "refine_field", "smooth"]
+__all__ = ["FeatureMSE", "ImageLNCC", "adam_optimise", "refine_field", "smooth"]
 
 
 def smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
@@ -106,6 +107,48 @@ class FeatureMSE:
         return F.mse_loss(warp_image(self.moving, vs), self.fixed)
 
 
+class ImageLNCC:
+    """``weight · (1 − mean LNCC(F, M ∘ (id + u)))`` on the images averaged over ``stride^n`` blocks, for a
+    field ``u`` on a coarser grid: an ``extra`` term of :func:`adam_optimise`.
+
+    The field ``(B, n, *G_s)`` (full-resolution voxel units, grid stride ``field_stride = s``, a multiple of
+    ``stride = t``) is upsampled linearly to the image grid of stride ``t`` (the cell-centred grids are nested,
+    :func:`layers.grid.upsample_field`), converted to its voxels (÷ ``t``), and the pooled moving image warped
+    with it (:func:`layers.warp.warp_image`); the similarity is the squared LNCC of :class:`layers.similarity.LNCC`
+    (window ``(2·radius+1)^n`` voxels of the stride-``t`` grid), averaged over batch, channels and voxels.
+
+    Args:
+        fixed, moving: full-resolution images ``(B, C, *S)`` (constants).
+        field_stride: stride ``s`` of the field's grid.
+        stride: stride ``t`` of the image grid (1: full resolution; ``s % t == 0``).
+        radius: LNCC window half-width in voxels of the stride-``t`` grid.
+        weight: factor of ``1 − mean LNCC``.
+        eps: LNCC variance offset (squared intensity units).
+
+    Raises:
+        ValueError: mismatched images, ``field_stride`` not a multiple of ``stride``, or bad LNCC arguments.
+    """
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, field_stride: int, *, stride: int = 1,
+                 radius: int = 2, weight: float = 1.0, eps: float = 1e-5) -> None:
+        spatial_dims(fixed, "fixed")
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} images differ")
+        if stride < 1 or field_stride < 1 or field_stride % stride:
+            raise ValueError(f"field_stride must be a multiple of stride >= 1; got {field_stride}, {stride}")
+        self.shape = tuple(fixed.shape[2:])
+        self.stride, self.ratio, self.weight = int(stride), int(field_stride) // int(stride), float(weight)
+        self.grid = coarse_shape(self.shape, self.stride)
+        fixed_t = pool_to_grid(fixed.detach(), self.stride)
+        self.moving = grad_ready(pool_to_grid(moving.detach(), self.stride))
+        self.lncc = LNCC(grad_ready(fixed_t), radius, eps)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """The weighted loss (a scalar, differentiable in ``u`` ``(B, n, *G_s)``)."""
+        v = upsample_field(u, self.grid, self.ratio) / self.stride
+        return self.weight * (1.0 - self.lncc(warp_image(self.moving, v)).mean())
+
+
 def adam_optimise(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -118,6 +161,8 @@ def adam_optimise(
     weight: float = 12.0,
     smooth_passes: int = 2,
     step_unit: float = 1.0,
+    extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    velocity_steps: int = 0,
     callback: Callable[[int, float, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Adam instance optimisation on the coarse grid (see the module docstring).
@@ -132,6 +177,15 @@ def adam_optimise(
         weight: weight of the feature MSE (12 in the published recipes).
         smooth_passes: ``3^n`` average pools applied to the increment at every step.
         step_unit: coarse-grid voxels per unit of the Adam parameter (see the module docstring).
+        extra: optional further loss term, called at every step with the field ``(B, n, *G)`` in
+            full-resolution voxel units (differentiable) and returning a scalar added to the loss (e.g.
+            :class:`ImageLNCC`). With ``weight = 0`` the feature MSE is not computed at all.
+        velocity_steps: 0 (default): the additive parametrisation above. ``k > 0``: the smoothed increment
+            ``w = step_unit · box^k(δ)`` is a stationary velocity (coarse-grid voxels), integrated by ``k``
+            scaling-and-squaring steps (:func:`layers.warp.integrate_velocity`) and composed with the initial
+            field, ``v = exp(w) − id + u₀/s ∘ exp(w)`` (:func:`layers.warp.compose`: first ``exp(w)``, then
+            ``u₀``), so the result is a diffeomorphism whenever ``u₀`` is one; the diffusion term is still
+            taken of the whole field ``v``.
         callback: called after every step with ``(step, loss, u)``, ``u`` detached (for logging or tracing).
 
     Returns:
@@ -147,6 +201,8 @@ def adam_optimise(
         raise ValueError(f"iterations must be >= 0; got {iterations}")
     if not step_unit > 0:
         raise ValueError(f"step_unit must be > 0; got {step_unit}")
+    if velocity_steps < 0:
+        raise ValueError(f"velocity_steps must be >= 0; got {velocity_steps}")
     with torch.inference_mode(False), torch.enable_grad():
         fixed = grad_ready(fixed.detach())
         moving = grad_ready(moving.detach())
@@ -157,20 +213,30 @@ def adam_optimise(
         opt = torch.optim.Adam([delta], lr=float(schedule(0)))
         s = float(stride)
         u_coarse = base / s  # in coarse-grid voxels
-        similarity = FeatureMSE(fixed, moving)
+        similarity = FeatureMSE(fixed, moving) if weight != 0 else None
+
+        def field(d: torch.Tensor) -> torch.Tensor:
+            inc = step_unit * smooth(d, smooth_passes)
+            if velocity_steps:
+                return compose(integrate_velocity(inc, velocity_steps), u_coarse)
+            return u_coarse + inc
         for step in range(int(iterations)):
             lr = float(schedule(step))
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            v = u_coarse + step_unit * smooth(delta, smooth_passes)
-            loss = weight * similarity(v) + lam * diffusion(v)
+            v = field(delta)
+            loss = lam * diffusion(v)
+            if similarity is not None:
+                loss = loss + weight * similarity(v)
+            if extra is not None:
+                loss = loss + extra(v * s)
             loss.backward()
             opt.step()
             if callback is not None:
                 callback(step, float(loss.detach()), (v.detach() * s))
         with torch.no_grad():
-            out = (u_coarse + step_unit * smooth(delta, smooth_passes)) * s
+            out = field(delta) * s
     log.debug("adam_optimise: %d steps, final loss %.5g", iterations, float(loss.detach()))
     return out.detach()
 

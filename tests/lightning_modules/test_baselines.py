@@ -30,7 +30,7 @@ from lightning_modules.baselines.convex import (
     inverse_consistency,
     ssd_cost_volume,
 )
-from lightning_modules.baselines.instance_opt import FeatureMSE
+from lightning_modules.baselines.instance_opt import FeatureMSE, ImageLNCC, adam_optimise
 from lightning_modules.baselines.schedules import PRESETS, schedule_values
 from lightning_modules.metrics import pair_metrics
 
@@ -118,6 +118,9 @@ FAST = {
     "adam": dict(preset="constant", iterations=60),
     "adam_piecewise": dict(preset="piecewise"),
     "convexadam": dict(grid_sp=4, iterations=40),
+    # the convexadam_lncc.yaml recipe (intensity LNCC, diffeomorphic Adam stage on a stride-4 grid)
+    "convexadam_lncc": dict(grid_sp=4, weight=0.0, lncc_weight=1.0, lncc_radius=3, lncc_stride=2, adam_stride=4,
+                            velocity_steps=5, lam=0.2, iterations=60),
 }
 
 
@@ -206,6 +209,47 @@ def test_adam_starts_exactly_at_init(pair3d):
     affine = 0.05 * x.flip(1) + 0.02 * x - 1.0
     u = AdamIO(preset="constant", iterations=0, init=lambda batch: affine).register(pair3d)
     torch.testing.assert_close(u[..., 1:-1, 1:-1, 1:-1], affine[..., 1:-1, 1:-1, 1:-1], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ LNCC / velocity
+def test_image_lncc_matches_warping_the_pooled_image(pair3d):
+    from layers.grid import pool_to_grid
+    from layers.similarity import lncc
+
+    fixed, moving = pair3d["fixed"].double(), pair3d["moving"].double()
+    const = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    # a constant field on the stride-4 grid, LNCC on the stride-2 images: the warp is by const / 2 there
+    term = ImageLNCC(fixed, moving, 4, stride=2, radius=2, weight=3.0)
+    u = const.expand(1, 3, 12, 12, 12)
+    warped = warp_image(pool_to_grid(moving, 2), const.expand(1, 3, 24, 24, 24) / 2)
+    expected = 3.0 * (1 - lncc(pool_to_grid(fixed, 2), warped, 2).mean())
+    torch.testing.assert_close(term(u), expected)
+    with pytest.raises(ValueError, match="multiple of stride"):
+        ImageLNCC(fixed, moving, 4, stride=3)
+
+
+def test_velocity_parametrisation_starts_at_init_and_does_not_fold(pair3d):
+    g = torch.Generator().manual_seed(0)
+    f, m = torch.rand(1, 2, 12, 12, 12, generator=g), torch.rand(1, 2, 12, 12, 12, generator=g)
+    init = torch.tensor([2.0, -1.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 12, 12, 12).contiguous()
+    from lightning_modules.baselines.schedules import make_schedule
+
+    out = adam_optimise(f, m, 4, init=init, iterations=1, schedule=make_schedule(0.0), velocity_steps=5)
+    torch.testing.assert_close(out, init, rtol=0, atol=1e-6)  # lr 0: exp(0) = id, composed with init
+    with pytest.raises(ValueError, match="velocity_steps"):
+        adam_optimise(f, m, 4, iterations=1, schedule=make_schedule(1.0), velocity_steps=-1)
+    with torch.no_grad():
+        u = ConvexAdam(**{**FAST["convexadam_lncc"], "lam": 0.0, "iterations": 20}).register(pair3d)
+    assert float(pair_metrics(pair3d, u, hd95=False)["folding"]) == 0.0
+
+
+def test_convexadam_lncc_options_are_checked():
+    with pytest.raises(ValueError, match="lncc_stride"):
+        ConvexAdam(lncc_weight=1.0, lncc_stride=3, adam_stride=4)
+    with pytest.raises(ValueError, match="lncc_weight"):
+        ConvexAdam(lncc_weight=-1.0)
+    with pytest.raises(ValueError, match="velocity_steps"):
+        ConvexAdam(velocity_steps=-2)
 
 
 # ------------------------------------------------------------------------------------------ Lightning
