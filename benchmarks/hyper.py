@@ -202,13 +202,7 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     val = batches(dm, "val")
     t0 = time.time()
     const = {lr: evaluate_adam(float(lr), steps, test, unit, per_pair=True) for lr in CONSTANT_LRS}
-    piecewise = (
-        PiecewiseLR()
-        if steps == 270
-        else PiecewiseLR(
-            hold=steps * 70 // 270, period=steps * 200 // 270, cut=steps * 180 // 270, total=steps
-        )
-    )
+    piecewise = PiecewiseLR.compressed(steps)
     pw_values = schedule_values(piecewise, steps)
     pw = evaluate_adam(piecewise, steps, test, unit, per_pair=True)
     base_values = pw_values * args.baseline_scale
@@ -923,7 +917,7 @@ def cliff_check(steps: int = 30) -> list[tuple[float, float]]:
     dm = make_data(num_train=16, num_val=1, num_test=1)
     train = batches(dm, "train", 16)[0]
     pw = schedule_values(
-        PiecewiseLR(hold=steps * 70 // 270, period=steps * 200 // 270, cut=steps * 180 // 270, total=steps),
+        PiecewiseLR.compressed(steps),
         steps,
     )
     module = ScheduleMetaLearner(preset="piecewise", steps=steps, baseline=[float(v) for v in pw])
@@ -945,7 +939,7 @@ def first_step_check(steps: int = 10, pairs: int = 64) -> list[tuple[float, floa
     dm = make_data(num_train=pairs, num_val=1, num_test=1)
     train = batches(dm, "train")
     pw = schedule_values(
-        PiecewiseLR(hold=steps * 70 // 270, period=steps * 200 // 270, cut=steps * 180 // 270, total=steps),
+        PiecewiseLR.compressed(steps),
         steps,
     )
     out = []

@@ -92,6 +92,14 @@ class PiecewiseLR:
     cut: int = 180
     total: int = 270
 
+    @classmethod
+    def compressed(cls, steps: int) -> PiecewiseLR:
+        """The published schedule compressed to ``steps`` steps: hold, cosine period, cut and total scaled by
+        ``steps / 270`` (integer division; ``compressed(270)`` is the published schedule)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1; got {steps}")
+        return cls(hold=steps * 70 // 270, period=max(1, steps * 200 // 270), cut=steps * 180 // 270, total=steps)
+
     def __call__(self, step: int) -> float:
         return piecewise_lr(step, peak=self.peak, low=self.low, end=self.end, hold=self.hold,
                             period=self.period, cut=self.cut, total=self.total)

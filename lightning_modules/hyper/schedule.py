@@ -37,7 +37,13 @@ from layers.grid import pool_to_grid, upsample_field
 from lightning_modules.base import RegistrationModule
 from lightning_modules.baselines.common import check_pair
 from lightning_modules.baselines.instance_opt import FeatureMSE, refine_field, smooth
-from lightning_modules.baselines.schedules import ValuesLR, make_schedule, resolve_preset, schedule_values
+from lightning_modules.baselines.schedules import (
+    PiecewiseLR,
+    ValuesLR,
+    make_schedule,
+    resolve_preset,
+    schedule_values,
+)
 from lightning_modules.losses import keypoint_loss, label_loss
 
 from .objectives import outer_loss
@@ -58,12 +64,17 @@ __all__ = [
 def baseline_values(baseline: str | float | Sequence[float], steps: int) -> torch.Tensor:
     """The baseline schedule's values for steps ``0 .. steps − 1``, float64 ``(steps,)``.
 
-    ``baseline``: a preset name of :mod:`lightning_modules.baselines.schedules` (``"piecewise"``,
-    ``"constant"``), a number (constant) or per-step values (the last is held).
+    ``baseline``: ``"piecewise"`` (the published schedule compressed to ``steps`` steps,
+    :meth:`~lightning_modules.baselines.schedules.PiecewiseLR.compressed`; the published one at 270), another
+    preset name of :mod:`lightning_modules.baselines.schedules` (``"constant"``), a number (constant) or per-step
+    values (the last is held).
     """
-    values = schedule_values(
-        make_schedule(baseline if not isinstance(baseline, list) else tuple(baseline)), steps
-    )
+    if baseline == "piecewise":
+        values = schedule_values(PiecewiseLR.compressed(steps), steps)
+    else:
+        values = schedule_values(
+            make_schedule(baseline if not isinstance(baseline, list) else tuple(baseline)), steps
+        )
     if not torch.all(values > 0):
         raise ValueError("a log-parametrised schedule needs a strictly positive baseline")
     return values

@@ -258,3 +258,16 @@ def test_frozen_steps_keep_the_baseline(tmp_path):
     assert torch.load(path, weights_only=False)["config"]["frozen_steps"] == 2
     with pytest.raises(ValueError, match="frozen_steps"):
         FourierSchedule(base, frozen_steps=10)
+
+
+def test_piecewise_baseline_is_compressed_to_the_horizon():
+    """``baseline="piecewise"`` at T ≠ 270: the published shape scaled to T steps (hold 70/270 of the steps at
+    15, cosine, linear to 0.5 at T); at T = 270 the published schedule itself."""
+    assert PiecewiseLR.compressed(270) == PiecewiseLR()
+    values = baseline_values("piecewise", 20)
+    assert torch.equal(values, schedule_values(PiecewiseLR(hold=5, period=14, cut=13, total=20), 20))
+    assert torch.equal(values[:6], torch.full((6,), 15.0, dtype=torch.float64))
+    assert float(values[-1]) == pytest.approx(0.5 + (float(values[13]) - 0.5) / 7, rel=1e-12)  # linear to 0.5 at T
+    assert bool((values[6:].diff() < 0).all())
+    with pytest.raises(ValueError, match="steps"):
+        PiecewiseLR.compressed(0)
