@@ -96,8 +96,9 @@ class FourierSchedule(nn.Module):
         frozen_steps: the first ``frozen_steps`` values stay at the baseline (not learned). Adam's first update
             is ``η_0 · sign(g)`` whatever the gradient (bias-corrected ``m/√v = g/|g|``), a displacement of
             ``η_0`` everywhere rather than a gradient step; with the piecewise preset ``η_0 = 15`` is exactly one
-            coarse voxel, a sharp optimum of the final error next to a cliff (``η_0`` = 12 or 17 are both much
-            worse), where the meta-gradient is useless. Freezing it lets the later steps be learned.
+            coarse voxel, an optimum of the final error at the edge of a cliff (on the synthetic 2D benchmark
+            ``η_0 = 14`` is 0.3 % worse, ``η_0 = 16`` 75 % worse), where the meta-gradient still points towards
+            larger ``η_0``. Freezing it lets the later steps be learned.
     """
 
     def __init__(
