@@ -85,9 +85,9 @@ def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
     ``u_0 = v / 2^steps``, then ``steps`` times ``u <- u ∘ u`` (:func:`compose`). The result is a
     displacement ``(B, n, *S)`` in voxel units whose map ``x + u(x)`` is a diffeomorphism for smooth ``v``.
     """
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0; got {steps}")
     u = v / (2**steps)
     for _ in range(steps):
         u = compose(u, u)
     return u
-
-

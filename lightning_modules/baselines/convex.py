@@ -179,8 +179,8 @@ class ConvexAdam(BaselineModule):
     :func:`~lightning_modules.baselines.instance_opt.adam_optimise`). On BrainPair (both directions) LNCC only,
     radius 3 at half resolution, on a stride-4 grid with 5 squarings, λ 0.2, 60 iterations
     (``configs/baselines/convexadam_lncc.yaml``) reaches Dice 0.725 with SDlogJ 0.33 and no folding
-    (``benchmarks/results/baselines_convexadam_lncc.md``); the published MIND stage reaches 0.705 with SDlogJ
-    0.45.
+    (``benchmarks/results/baselines.md``); the published MIND stage reaches 0.705 with SDlogJ 0.45. These
+    settings were chosen by probing on BrainPair 0001←0002, one of the two reported directions (in-sample).
 
     Args:
         grid_sp: stride of the coarse grid of the convex stage (6).

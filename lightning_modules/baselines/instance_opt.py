@@ -139,9 +139,12 @@ class ImageLNCC:
         self.shape = tuple(fixed.shape[2:])
         self.stride, self.ratio, self.weight = int(stride), int(field_stride) // int(stride), float(weight)
         self.grid = coarse_shape(self.shape, self.stride)
-        fixed_t = pool_to_grid(fixed.detach(), self.stride)
-        self.moving = grad_ready(pool_to_grid(moving.detach(), self.stride))
-        self.lncc = LNCC(grad_ready(fixed_t), radius, eps)
+        # built outside adam_optimise's inference_mode(False) block (e.g. under Lightning's test/predict): make
+        # the pooled images and the fixed window statistics ordinary tensors that autograd may save
+        with torch.inference_mode(False):
+            fixed_t = pool_to_grid(grad_ready(fixed.detach()), self.stride)
+            self.moving = pool_to_grid(grad_ready(moving.detach()), self.stride)
+            self.lncc = LNCC(fixed_t, radius, eps)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """The weighted loss (a scalar, differentiable in ``u`` ``(B, n, *G_s)``)."""
@@ -180,12 +183,13 @@ def adam_optimise(
         extra: optional further loss term, called at every step with the field ``(B, n, *G)`` in
             full-resolution voxel units (differentiable) and returning a scalar added to the loss (e.g.
             :class:`ImageLNCC`). With ``weight = 0`` the feature MSE is not computed at all.
-        velocity_steps: 0 (default): the additive parametrisation above. ``k > 0``: the smoothed increment
-            ``w = step_unit · box^k(δ)`` is a stationary velocity (coarse-grid voxels), integrated by ``k``
-            scaling-and-squaring steps (:func:`layers.warp.integrate_velocity`) and composed with the initial
-            field, ``v = exp(w) − id + u₀/s ∘ exp(w)`` (:func:`layers.warp.compose`: first ``exp(w)``, then
-            ``u₀``), so the result is a diffeomorphism whenever ``u₀`` is one; the diffusion term is still
-            taken of the whole field ``v``.
+        velocity_steps: 0 (default): the additive parametrisation above. ``q > 0``: the smoothed increment
+            ``w = step_unit · box^smooth_passes(δ)`` is a stationary velocity (coarse-grid voxels), integrated by
+            ``q`` scaling-and-squaring steps (:func:`layers.warp.integrate_velocity`) and composed with the
+            initial field, ``v = exp(w) − id + u₀/s ∘ exp(w)`` (:func:`layers.warp.compose`: first ``exp(w)``,
+            then ``u₀``), so the coarse map is invertible whenever ``u₀``'s is (the linear upsampling of the
+            result to full resolution preserves that only approximately); the diffusion term is still taken of
+            the whole field ``v``.
         callback: called after every step with ``(step, loss, u)``, ``u`` detached (for logging or tracing).
 
     Returns:

@@ -334,8 +334,9 @@ class ScheduleMetaLearner(RegistrationModule):
             unperturbed schedule.
         perturb_samples: perturbed unrolls per training batch (>= 1).
         perturb_basis: ``"steps"`` (independent noise per step) or ``"fourier"`` (noise in the span of the
-            constant and the network's Fourier features: smooth changes of the schedule, each step still with
-            standard deviation ``σ``; with ``"es"`` the estimate is the gradient projected onto that span).
+            constant and the network's Fourier features: smooth changes of the schedule with root-mean-square
+            ``σ`` over the steps; with ``"es"`` the estimate is the gradient projected onto that span). Frozen
+            steps are never perturbed (:meth:`perturbation_basis`).
         meta_gradient: ``"pathwise"`` (backpropagation through the unrolled Adam, with the perturbations
             above when ``perturb > 0``) or ``"es"`` (evolution strategies: the antithetic estimate
             ``ĝ = Σ_k (L(log η + σε_k) − L(log η − σε_k)) ε_k / (2σK)`` of the gradient of the smoothed
@@ -506,18 +507,22 @@ class ScheduleMetaLearner(RegistrationModule):
         return [float(hp.perturb) * e.to(self.schedule.base.device) for e in eps]
 
     def perturbation_basis(self) -> torch.Tensor:
-        """``(T, d)`` float64: the directions of the perturbations, scaled so that each step's perturbation
-        has standard deviation ``σ``: the identity (``perturb_basis="steps"``, ``d = T``: independent per
-        step) or ``sqrt(T/d) Q`` with ``Q`` an orthonormal basis of the span of the constant and the schedule
-        network's Fourier features of ``t/T`` (``"fourier"``, ``d = 2·n_freq + 2``: smooth, low-dimensional
-        changes of the schedule's shape)."""
+        """``(T, d)`` float64: the directions of the perturbations, zero on the ``frozen_steps`` (which are not
+        learned and must not be perturbed either), scaled so that the perturbation's root-mean-square over the
+        learned steps is ``σ``: the identity on the learned steps (``perturb_basis="steps"``, ``d = T − frozen``,
+        independent per step, each with standard deviation ``σ``) or ``sqrt((T − frozen)/d) Q`` with ``Q`` an
+        orthonormal basis of the span of the constant and the schedule network's Fourier features of ``t/T``
+        on the learned steps (``"fourier"``, ``d <= 2·n_freq + 2``: smooth, low-dimensional changes of the
+        schedule's shape; the per-step standard deviation varies around ``σ``, largest at the ends)."""
+        frozen = self.schedule.frozen_steps
+        free = self.steps - frozen
         if self.hparams.perturb_basis == "steps":
-            return torch.eye(self.steps, dtype=torch.float64)
-        feats = self.schedule.features().to(torch.float64).cpu()
-        feats = torch.cat([torch.ones(self.steps, 1, dtype=torch.float64), feats], dim=1)
-        q, r = torch.linalg.qr(feats)
-        q = q[:, r.diagonal().abs() > 1e-8 * r.diagonal().abs().max()]  # drop dependent features
-        return q * math.sqrt(self.steps / q.shape[1])
+            return torch.eye(self.steps, dtype=torch.float64)[:, frozen:]
+        feats = self.schedule.features().to(torch.float64).cpu()[frozen:]
+        feats = torch.cat([torch.ones(free, 1, dtype=torch.float64), feats], dim=1)
+        u, sv, _ = torch.linalg.svd(feats, full_matrices=False)
+        q = u[:, sv > 1e-8 * sv.max()]  # an orthonormal basis of the span (dependent features dropped)
+        return torch.cat([q.new_zeros(frozen, q.shape[1]), q * math.sqrt(free / q.shape[1])])
 
     def meta_loss(
         self, batch: dict[str, Any], lrs: torch.Tensor | None = None
@@ -546,7 +551,8 @@ class ScheduleMetaLearner(RegistrationModule):
         k = len(eps) // 2
         # E[f(x + σe) Σ⁺e] / σ with Cov(e) = Σ = B Bᵀ: the gradient projected onto the span of the basis B
         basis = self.perturbation_basis().to(log_eta.device)
-        scale = basis.shape[1] / self.steps if self.hparams.perturb_basis == "fourier" else 1.0
+        free = self.steps - self.schedule.frozen_steps
+        scale = basis.shape[1] / free if self.hparams.perturb_basis == "fourier" else 1.0
         grad = scale * sum((losses[j] - losses[j + k]) * eps[j] for j in range(k)) / (2 * sigma**2 * k)
         return grad, losses.mean(), torch.stack([r[1].detach() for r in results]).mean()
 

@@ -248,3 +248,23 @@ def test_bad_inputs_raise_value_error():
         warp_keypoints(torch.zeros(3, 4, 2), u)  # batch mismatch
     with pytest.raises(ValueError):
         warp_keypoints(torch.zeros(2, 4, 2, device="meta"), u)  # device mismatch
+
+
+def test_integrate_velocity_checks_steps_and_integrates_a_rotation_field():
+    """Scaling and squaring: a constant velocity gives the translation; a small linear velocity ``v = A x``
+    gives ``(expm(A) − I) x`` (closed form) up to the interpolation of the squarings; bad ``steps`` fail."""
+    from layers.warp import integrate_velocity
+
+    v = torch.full((1, 2, 16, 16), 0.7, dtype=torch.float64)
+    torch.testing.assert_close(integrate_velocity(v, 5), v)
+    a = torch.tensor([[0.0, -0.05], [0.05, 0.0]], dtype=torch.float64)
+    y, x = torch.meshgrid(torch.arange(32.0, dtype=torch.float64) - 15.5,
+                          torch.arange(32.0, dtype=torch.float64) - 15.5, indexing="ij")
+    pos = torch.stack([y, x])  # (2, H, W), about the centre
+    vel = torch.einsum("ij,jhw->ihw", a, pos)[None]
+    expected = torch.einsum("ij,jhw->ihw", torch.linalg.matrix_exp(a) - torch.eye(2, dtype=torch.float64), pos)
+    got = integrate_velocity(vel, 7)[0]
+    inner = (slice(None), slice(4, -4), slice(4, -4))  # away from the border padding
+    torch.testing.assert_close(got[inner], expected[inner], rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="steps"):
+        integrate_velocity(v, -1)

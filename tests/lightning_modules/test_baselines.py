@@ -288,6 +288,11 @@ def test_trainer_test_runs_under_inference_mode():
     assert out and math.isfinite(out[0]["test/dice"])
     records = _trainer().predict(ConvexAdam(grid_sp=2, disp_hw=2, iterations=5), dataloaders=_loader())
     assert records[0][0]["status"] == "ok", records[0][0]["error"]
+    # the LNCC / velocity Adam stage builds its similarity outside the optimisation loop
+    lncc = ConvexAdam(grid_sp=2, disp_hw=2, iterations=5, weight=0.0, lncc_weight=1.0, lncc_radius=1,
+                      adam_stride=2, velocity_steps=3)
+    records = _trainer().predict(lncc, dataloaders=_loader())
+    assert records[0][0]["status"] == "ok", records[0][0]["error"]
 
 
 @pytest.mark.parametrize("name,kwargs", [

@@ -169,7 +169,16 @@ def test_perturbed_meta_loss_is_the_mean_over_antithetic_unrolls(pairs):
         u, path = plain.unrolled(pairs, lrs, return_path=True)
         ref = ref + 0.5 * (plain.error(pairs, u) + 0.2 * torch.stack([plain.error(pairs, p) for p in path]).mean())
     assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    # the reference's gradient through the same network weights (plain's schedule is a copy of smooth's)
+    plain.schedule.load_state_dict(smooth.schedule.state_dict())
+    ref = 0.0
+    for e in eps:
+        u, path = plain.unrolled(pairs, plain.schedule_values() * torch.exp(e), return_path=True)
+        ref = ref + 0.5 * (plain.error(pairs, u) + 0.2 * torch.stack([plain.error(pairs, p) for p in path]).mean())
+    ref.backward()
+    ref_grad = torch.cat([p.grad.flatten() for p in plain.schedule.parameters()])
     assert float(grad.abs().max()) > 0
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="perturb"):
         ScheduleMetaLearner(perturb=-0.1, **kw)
     with pytest.raises(ValueError, match="perturb"):
@@ -203,6 +212,11 @@ def test_es_gradient_estimates_the_gradient_of_a_known_objective(pairs, monkeypa
     assert basis.shape == (steps, 4)  # constant, t/T, sin and cos
     q = basis / basis.norm(dim=0)
     assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-10)
+    # the span is that of [1, t/T, sin 2πt/T, cos 2πt/T] (independent reference)
+    x = torch.arange(steps, dtype=torch.float64) / steps
+    feats = torch.stack([torch.ones(steps, dtype=torch.float64), x, torch.sin(2 * math.pi * x),
+                         torch.cos(2 * math.pi * x)], dim=1)
+    assert float((feats - q @ (q.T @ feats)).abs().max()) < 1e-6  # the network's features are float32
     torch.manual_seed(0)
     eps = module.perturbations()
     assert float(torch.stack(eps).std()) == pytest.approx(0.1, rel=0.05)  # σ per step
@@ -271,3 +285,14 @@ def test_piecewise_baseline_is_compressed_to_the_horizon():
     assert bool((values[6:].diff() < 0).all())
     with pytest.raises(ValueError, match="steps"):
         PiecewiseLR.compressed(0)
+
+
+@pytest.mark.parametrize("basis", ["steps", "fourier"])
+def test_perturbations_leave_frozen_steps_alone(basis):
+    """Frozen steps are neither learned nor perturbed; the learned steps are perturbed with RMS ≈ σ."""
+    module = ScheduleMetaLearner(preset="constant", steps=12, baseline=0.3, perturb=0.2, perturb_samples=4000,
+                                 perturb_basis=basis, frozen_steps=2, n_freq=1)
+    torch.manual_seed(0)
+    eps = torch.stack(module.perturbations())
+    assert torch.equal(eps[:, :2], torch.zeros(4000, 2, dtype=torch.float64))
+    assert float(eps[:, 2:].pow(2).mean().sqrt()) == pytest.approx(0.2, rel=0.03)
