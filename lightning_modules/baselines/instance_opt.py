@@ -47,7 +47,7 @@ from .schedules import Schedule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureMSE", "ImageLNCC", "adam_optimise", "refine_field", "smooth"]
+__all__ = ["FeatureMSE", "ImageLNCC", "adam_optimise", "apply_increment", "refine_field", "smooth"]
 
 
 def smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
@@ -152,6 +152,16 @@ class ImageLNCC:
         return self.weight * (1.0 - self.lncc(warp_image(self.moving, v)).mean())
 
 
+def apply_increment(base: torch.Tensor, inc: torch.Tensor, velocity_steps: int = 0) -> torch.Tensor:
+    """The field after an increment, both ``(B, n, *G)`` in voxels of the same grid: ``base + inc``
+    (``velocity_steps = 0``), or, with ``q = velocity_steps > 0``, ``inc`` taken as a stationary velocity and
+    ``exp(inc)`` (``q`` squarings, :func:`layers.warp.integrate_velocity`) applied first, then ``base``:
+    the map ``x ↦ x + e(x) + base(x + e(x))``, ``e = exp(inc) − id`` (:func:`layers.warp.compose`)."""
+    if velocity_steps:
+        return compose(integrate_velocity(inc, velocity_steps), base)
+    return base + inc
+
+
 def adam_optimise(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -220,10 +230,8 @@ def adam_optimise(
         similarity = FeatureMSE(fixed, moving) if weight != 0 else None
 
         def field(d: torch.Tensor) -> torch.Tensor:
-            inc = step_unit * smooth(d, smooth_passes)
-            if velocity_steps:
-                return compose(integrate_velocity(inc, velocity_steps), u_coarse)
-            return u_coarse + inc
+            return apply_increment(u_coarse, step_unit * smooth(d, smooth_passes), velocity_steps)
+
         for step in range(int(iterations)):
             lr = float(schedule(step))
             for group in opt.param_groups:

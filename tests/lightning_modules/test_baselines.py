@@ -11,8 +11,8 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from data.synthetic import SyntheticConfig, generator_for, make_synthetic_pair
-from layers.features import mind_ssc
-from layers.warp import warp_image, warp_labels
+from layers.features import box_filter, mind_ssc
+from layers.warp import compose, warp_image, warp_labels
 from lightning_modules.base import EvaluationOnlyError
 from lightning_modules.baselines import (
     BASELINES,
@@ -30,7 +30,7 @@ from lightning_modules.baselines.convex import (
     inverse_consistency,
     ssd_cost_volume,
 )
-from lightning_modules.baselines.instance_opt import FeatureMSE, ImageLNCC, adam_optimise
+from lightning_modules.baselines.instance_opt import FeatureMSE, ImageLNCC, adam_optimise, apply_increment
 from lightning_modules.baselines.schedules import PRESETS, schedule_values
 from lightning_modules.metrics import pair_metrics
 
@@ -241,6 +241,26 @@ def test_velocity_parametrisation_starts_at_init_and_does_not_fold(pair3d):
     with torch.no_grad():
         u = ConvexAdam(**{**FAST["convexadam_lncc"], "lam": 0.0, "iterations": 20}).register(pair3d)
     assert float(pair_metrics(pair3d, u, hd95=False)["folding"]) == 0.0
+
+
+def test_velocity_increment_is_applied_before_the_base_field():
+    """``apply_increment`` with a velocity: ``v(x) = e(x) + base(x + e(x))``. For an affine base ``A x + b`` this
+    is ``base(x) + (I + A) e(x)`` in closed form (the other order, ``base(x) + e(x + base(x))``, differs)."""
+    from layers.warp import integrate_velocity
+
+    g = torch.Generator().manual_seed(0)
+    shape = (20, 20, 20)
+    a = torch.tensor([[0.02, -0.05, 0.0], [0.04, 0.0, 0.03], [0.0, -0.02, 0.01]], dtype=torch.float64)
+    pos = torch.stack(torch.meshgrid(*[torch.arange(k, dtype=torch.float64) for k in shape], indexing="ij"))
+    base = (torch.einsum("ij,j...->i...", a, pos) + torch.tensor([0.5, -0.3, 0.2]).view(3, 1, 1, 1))[None]
+    inc = box_filter(box_filter(torch.randn(1, 3, *shape, generator=g, dtype=torch.float64), 2), 2)
+    e = integrate_velocity(inc, 4)
+    expected = base + torch.einsum("ij,bj...->bi...", torch.eye(3, dtype=torch.float64) + a, e)
+    got = apply_increment(base, inc, 4)
+    inner = (slice(None), slice(None), slice(3, -3), slice(3, -3), slice(3, -3))
+    torch.testing.assert_close(got[inner], expected[inner], rtol=0, atol=1e-10)
+    assert float((got - compose(base, e))[inner].abs().max()) > 1e-3  # the other order is distinguishable
+    torch.testing.assert_close(apply_increment(base, inc, 0), base + inc)
 
 
 def test_convexadam_lncc_options_are_checked():
