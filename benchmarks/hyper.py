@@ -188,10 +188,28 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
 CONSTANT_LRS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0)
 
 
-def best_constant(steps: int, pairs: list[dict], step_unit: float) -> float:
-    """The constant of :data:`CONSTANT_LRS` with the lowest mean TRE of AdamIO (``steps`` steps) on ``pairs``."""
+def best_constant(steps: int, pairs: list[dict], step_unit: float) -> tuple[float, float]:
+    """``(lr, tre)``: the constant of :data:`CONSTANT_LRS` with the lowest mean TRE of AdamIO (``steps`` steps) on
+    ``pairs``, and that TRE."""
     tre = {lr: evaluate_adam(float(lr), steps, pairs, step_unit)["tre"] for lr in CONSTANT_LRS}
-    return min(tre, key=tre.get)
+    best = min(tre, key=tre.get)
+    return best, tre[best]
+
+
+def compare_with_references(learned: dict[str, Any], steps: int, test: list[dict], step_unit: float) -> dict:
+    """The references on the pairs ``test`` — the piecewise schedule compressed to ``steps`` and every constant of
+    :data:`CONSTANT_LRS` (per-pair TREs kept) — the best constant *on these pairs*, and the paired differences of
+    ``learned`` (an :func:`evaluate_adam` result with ``per_pair=True`` on the same pairs) to both."""
+    pw = evaluate_adam(PiecewiseLR.compressed(steps), steps, test, step_unit, per_pair=True)
+    const = {lr: evaluate_adam(float(lr), steps, test, step_unit, per_pair=True) for lr in CONSTANT_LRS}
+    best = min(const, key=lambda k: const[k]["tre"])
+    return {
+        "piecewise": pw,
+        "constants": {str(k): v for k, v in const.items()},
+        "best_constant": best,
+        "paired": {"piecewise": paired_difference(learned["tre_pairs"], pw["tre_pairs"]),
+                   "best_constant": paired_difference(learned["tre_pairs"], const[best]["tre_pairs"])},
+    }
 
 
 def bench_schedule(args: argparse.Namespace) -> dict:
@@ -207,10 +225,8 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     test = batches(dm, "test")
     val = batches(dm, "val")
     t0 = time.time()
-    const = {lr: evaluate_adam(float(lr), steps, test, unit, per_pair=True) for lr in CONSTANT_LRS}
     piecewise = PiecewiseLR.compressed(steps)
     pw_values = schedule_values(piecewise, steps)
-    pw = evaluate_adam(piecewise, steps, test, unit, per_pair=True)
     base_values = pw_values * args.baseline_scale
     train_constant = None
     if (args.baseline_constant or args.baseline_best) and args.baseline_scale != 1.0:
@@ -218,10 +234,9 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     if args.baseline_constant or args.baseline_best:
         # a tuned baseline: the best of the constants on the *training* pairs (the test pairs stay unseen)
         train = batches(dm, "train")
-        train_constant = best_constant(steps, train, unit)
+        train_constant, train_constant_tre = best_constant(steps, train, unit)
         base_values = torch.full((steps,), float(train_constant), dtype=torch.float64)
-        if args.baseline_best and (evaluate_adam(piecewise, steps, train, unit)["tre"]
-                                   < evaluate_adam(float(train_constant), steps, train, unit)["tre"]):
+        if args.baseline_best and evaluate_adam(piecewise, steps, train, unit)["tre"] < train_constant_tre:
             base_values, train_constant = pw_values.clone(), None  # the piecewise schedule is better there
     model = ScheduleMetaLearner(
         preset="piecewise",
@@ -250,16 +265,10 @@ def bench_schedule(args: argparse.Namespace) -> dict:
     name = f"schedule_T{steps}" + (f"_{args.tag}" if args.tag else "")
     path = save_schedule(model, RESULTS / f"hyper_{name}.pt")
     res_base = evaluate_adam(ValuesLR(tuple(float(v) for v in base_values)), steps, test, unit)
-    settings = adam_settings(path)
-    model_eval = AdamIO(**settings)
-    records = [pair_metrics(b, model_eval.register(b), hd95=False) for b in test]
-    res_learned = mean_metrics(records)
-    res_learned["tre_pairs"] = [float(v) for r in records for v in r["tre"]]
-    best_const = min(const, key=lambda k: const[k]["tre"])
-    paired = {
-        "piecewise": paired_difference(res_learned["tre_pairs"], pw["tre_pairs"]),
-        "best_constant": paired_difference(res_learned["tre_pairs"], const[best_const]["tre_pairs"]),
-    }
+    settings = adam_settings(path)  # the exported schedule, as `eval.py --method adam --schedule` reads it
+    res_learned = evaluate_adam(settings["schedule"], settings["iterations"], test,
+                                settings.get("step_unit", unit), per_pair=True)
+    refs = compare_with_references(res_learned, steps, test, unit)
     out = {
         "steps": steps,
         "name": name,
@@ -276,12 +285,12 @@ def bench_schedule(args: argparse.Namespace) -> dict:
         "baseline_values": [float(v) for v in base_values],
         "baseline_scale": args.baseline_scale,
         "untrained_equals_baseline": bool(torch.equal(untrained, base_values)),
-        "constants": {str(k): v for k, v in const.items()},
-        "piecewise": pw,
+        "constants": refs["constants"],
+        "piecewise": refs["piecewise"],
         "learned": res_learned,
         "baseline_result": res_base,
-        "paired": paired,
-        "best_constant_test": best_const,
+        "paired": refs["paired"],
+        "best_constant_test": refs["best_constant"],
         "learned_values": list(settings["schedule"].values),
         "piecewise_values": pw_values.tolist(),
         "meta_loss": curve.values,
@@ -978,7 +987,7 @@ def line_search(steps: int = 10, pairs: int = 32, magnitude: float = 0.15) -> di
     unit = PRESETS["piecewise"].step_unit
     dm = make_data(num_train=pairs, num_val=1, num_test=1, magnitude=magnitude)
     train = batches(dm, "train")
-    best = best_constant(steps, train, unit)
+    best, _ = best_constant(steps, train, unit)
     base = torch.full((steps,), float(best), dtype=torch.float64)
     module = ScheduleMetaLearner(preset="piecewise", steps=steps, baseline=[float(v) for v in base], outer="tre")
     log_lr = base.log().clone().requires_grad_()
@@ -1017,15 +1026,9 @@ def bench_confirm(args: argparse.Namespace) -> dict:
     t0 = time.time()
     settings = adam_settings(source)
     learned = evaluate_adam(settings["schedule"], steps, test, settings.get("step_unit", unit), per_pair=True)
-    pw = evaluate_adam(PiecewiseLR.compressed(steps), steps, test, unit, per_pair=True)
-    const = {lr: evaluate_adam(float(lr), steps, test, unit, per_pair=True) for lr in CONSTANT_LRS}
-    best = min(const, key=lambda k: const[k]["tre"])
     out = {
         "steps": steps, "pairs": pairs, "data_seed": 1, "schedule_file": source.name,
-        "learned": learned, "piecewise": pw, "constants": {str(k): v for k, v in const.items()},
-        "best_constant": best,
-        "paired": {"piecewise": paired_difference(learned["tre_pairs"], pw["tre_pairs"]),
-                   "best_constant": paired_difference(learned["tre_pairs"], const[best]["tre_pairs"])},
+        "learned": learned, **compare_with_references(learned, steps, test, unit),
         "seconds": time.time() - t0,
         "command": f"python benchmarks/hyper.py confirm --steps {steps} --test-pairs {pairs}",
     }

@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 SHAPE = (6, 7, 8)
 SPACING = (1.5, 0.8, 2.0)
@@ -87,13 +86,3 @@ def make_learn2reg(
 def tiny_l2r(tmp_path: Path) -> tuple[Path, dict]:
     """``(json_path, arrays)`` of a 6-subject tiny task with val pairs 0005<->0006."""
     return make_learn2reg(tmp_path / "Tiny")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run each data test on one intra-op thread (restored afterwards): the tensors here are tiny, and on a
-    busy 2-core machine thread hand-offs cost far more than the work (DataLoader workers do the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

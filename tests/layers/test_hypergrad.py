@@ -24,15 +24,6 @@ SOLVER = {"rtol": 1e-12, "maxiter": 5000, "strict": True, "eps": 0.0}
 FD_REL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids oversubscription on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _smooth_image(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)

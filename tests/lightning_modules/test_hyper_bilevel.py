@@ -33,14 +33,6 @@ GN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(noise: float, n: int = 4, stream: int = 3, size: int = 64) -> dict:
     ds = SyntheticPairs(n, seed=0, shape=(size, size), noise=noise, stream=stream)
     return collate_pairs([ds[i] for i in range(n)])

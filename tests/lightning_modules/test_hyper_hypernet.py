@@ -35,14 +35,6 @@ GN = {
 RANGE = {"lam_min": 3e-4, "lam_max": 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     def make(stream: int, n: int) -> list[dict]:

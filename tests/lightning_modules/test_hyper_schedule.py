@@ -30,15 +30,6 @@ from lightning_modules.losses import keypoint_loss
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids oversubscription on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pairs():
     ds = SyntheticPairs(2, seed=3, shape=(32, 32), num_keypoints=32)
