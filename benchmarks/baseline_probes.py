@@ -47,6 +47,23 @@ PROBES: list[tuple[str, str, dict[str, Any]]] = [
     ("ConvexAdam, LNCC r 3, stride-4 SVF (5 squarings), λ 0.2, 60 it (convexadam_lncc.yaml)", "convexadam",
      {"iterations": 60, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4,
       "velocity_steps": 5, "lam": 0.2}),
+    # a log-Jacobian volume-change term (layers.diff.log_jacobian_energy) instead of more diffusion: the trade-off
+    # between Dice and SDlogJ moves; then a finer (stride-2) velocity grid and larger LNCC windows
+    ("same, + log-J term μ 0.3, 2 smoothing passes", "convexadam",
+     {"iterations": 60, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4,
+      "velocity_steps": 5, "lam": 0.2, "logj_weight": 0.3, "smooth_passes": 2}),
+    ("ConvexAdam, LNCC r 3, ½-res SVF (2 squarings), μ 0.3, λ 0.2, 2 passes, 22 it", "convexadam",
+     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 2,
+      "velocity_steps": 2, "lam": 0.2, "logj_weight": 0.3, "smooth_passes": 2}),
+    ("same, LNCC r 5", "convexadam",
+     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
+      "velocity_steps": 2, "lam": 0.2, "logj_weight": 0.3, "smooth_passes": 2}),
+    ("same, LNCC r 5, μ 0.35 (convexadam_logj.yaml)", "convexadam",
+     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
+      "velocity_steps": 2, "lam": 0.2, "logj_weight": 0.35, "smooth_passes": 2}),
+    ("same, LNCC r 5, μ 0.35, 5 squarings", "convexadam",
+     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
+      "velocity_steps": 5, "lam": 0.2, "logj_weight": 0.35, "smooth_passes": 2}),
 ]
 
 

@@ -1,7 +1,7 @@
 """Pure-torch building blocks (no Lightning): grids and warps, finite differences, features, the
 differentiable Gauss-Newton solve and the GN registration module."""
 
-from .diff import diffusion, jacobian_determinant, spatial_gradient
+from .diff import diffusion, jacobian_determinant, log_jacobian_energy, spatial_gradient
 from .features import box_filter, mind_ssc, signed_distance_maps
 from .gn_solve import gn_solve
 from .grid import coarse_shape, identity_grid, pool_to_grid, sample, upsample_field
@@ -17,6 +17,7 @@ __all__ = [
     "gn_solve",
     "identity_grid",
     "jacobian_determinant",
+    "log_jacobian_energy",
     "lncc",
     "mind_ssc",
     "one_hot",

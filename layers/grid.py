@@ -10,7 +10,13 @@ Conventions (DESIGN.md §2):
 ``[-1, 1]`` coordinates of :func:`torch.nn.functional.grid_sample`. It uses ``align_corners=True``:
 voxel index ``0`` maps to ``-1`` and index ``S_i - 1`` maps to ``+1`` (voxel centres at the ends), so a
 displacement of one voxel is exactly one voxel whatever the image size. Every ``grid_sample`` call in the
-project goes through :func:`sample` with that choice.
+project goes through :func:`grid_sample` with that choice.
+
+**Threads.** On the CPU, PyTorch's 3D ``grid_sample`` (forward and backward) parallelises over the batch only,
+so a single 3D volume is warped on one core. :func:`grid_sample` therefore cuts the sampling grid of one large
+3D volume into slabs along its first axis and samples them as a batch (the image expanded, not copied), which
+spreads a warp over the threads; the result is put back together and equals the plain call (value and
+gradients) to float rounding.
 
 **Coarse grids.** A grid of stride ``s`` has ``G_i = ceil(S_i / s)`` nodes; node ``g`` is the average of
 full-resolution voxels ``s*g … s*g + s - 1`` (centre ``s*g + (s - 1) / 2``). Displacements on a coarse grid
@@ -31,6 +37,7 @@ __all__ = [
     "channels_last",
     "check_field",
     "coarse_shape",
+    "grid_sample",
     "identity_grid",
     "pool_to_grid",
     "resize_field",
@@ -45,6 +52,60 @@ __all__ = [
 ALIGN_CORNERS = True
 
 _LINEAR = {2: "bilinear", 3: "trilinear"}
+
+
+#: Fewest output voxels of a 3D warp that is split into slabs over the CPU threads (:func:`grid_sample`).
+SLAB_MIN_VOXELS = 1 << 15
+
+
+def slab_count(grid: torch.Tensor, threads: int | None = None) -> int:
+    """Number of slabs :func:`grid_sample` cuts a sampling grid ``(B, *T, n)`` into: 1 unless the grid is on the
+    CPU, 3D, of one volume (``B = 1``) with at least :data:`SLAB_MIN_VOXELS` voxels, and more than one thread is
+    used; then the first of ``2·threads``, ``threads`` that divides ``T[0]`` with at least two rows per slab
+    (else 1)."""
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    if grid.device.type != "cpu" or grid.dim() != 5 or grid.shape[0] != 1 or threads < 2:
+        return 1
+    if grid.shape[1:-1].numel() < SLAB_MIN_VOXELS:
+        return 1
+    depth = grid.shape[1]
+    return next((k for k in (2 * threads, threads) if depth % k == 0 and depth // k >= 2), 1)
+
+
+def grid_sample(
+    image: torch.Tensor,
+    grid: torch.Tensor,
+    *,
+    mode: str = "linear",
+    padding_mode: str = "border",
+    slabs: int | None = None,
+) -> torch.Tensor:
+    """The project's one call of :func:`torch.nn.functional.grid_sample` (``align_corners`` =
+    :data:`ALIGN_CORNERS`).
+
+    Args:
+        image: ``(B, C, *S)``.
+        grid: normalised coordinates ``(B, *T, n)`` (x, y[, z] order, as ``grid_sample`` wants).
+        mode: ``"linear"`` (bi/trilinear) or ``"nearest"``.
+        padding_mode: ``"border"`` or ``"zeros"``.
+        slabs: split a one-volume 3D grid into this many slabs along ``T[0]`` (must divide it); None picks
+            :func:`slab_count` (see the module docstring).
+
+    Returns:
+        ``(B, C, *T)``.
+    """
+    gs_mode = "bilinear" if mode == "linear" else mode
+    grid = grid.to(image.dtype)
+    k = slab_count(grid) if slabs is None else int(slabs)
+    if k > 1:
+        if grid.dim() != 5 or grid.shape[0] != 1 or grid.shape[1] % k:
+            raise ValueError(f"slabs={k} needs one 3D grid whose first axis it divides; got {tuple(grid.shape)}")
+        depth = grid.shape[1]
+        parts = grid.reshape(k, depth // k, *grid.shape[2:])
+        img = image.expand(k, *image.shape[1:]) if image.shape[0] == 1 else image
+        out = F.grid_sample(img, parts, mode=gs_mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+        return out.transpose(0, 1).reshape(1, image.shape[1], depth, *grid.shape[2:-1])
+    return F.grid_sample(image, grid, mode=gs_mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
 
 
 def spatial_dims(x: torch.Tensor, name: str = "x") -> int:
@@ -101,18 +162,15 @@ def sample(
     """
     n = spatial_dims(image, "image")
     shape = image.shape[2:]
-    gs_mode = "bilinear" if mode == "linear" else mode
     if coords.dim() == 3 and coords.shape[-1] == n and coords.dim() != n + 2:
         # point set (B, K, n) -> grid (B, K, 1[, 1], n)
         grid = to_normalised(coords, shape).reshape(coords.shape[0], coords.shape[1], *([1] * (n - 1)), n)
-        out = F.grid_sample(image, grid.to(image.dtype), mode=gs_mode, padding_mode=padding_mode,
-                            align_corners=ALIGN_CORNERS)
+        out = grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
         return out.reshape(image.shape[0], image.shape[1], coords.shape[1])
     if coords.dim() != n + 2 or coords.shape[1] != n:
         raise ValueError(f"coords must be (B, {n}, *T) or (B, K, {n}); got {tuple(coords.shape)}")
     grid = to_normalised(torch.movedim(coords, 1, -1), shape)
-    return F.grid_sample(image, grid.to(image.dtype), mode=gs_mode, padding_mode=padding_mode,
-                         align_corners=ALIGN_CORNERS)
+    return grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
 
 
 def channels_last(image: torch.Tensor, min_voxels: int = 1 << 15) -> torch.Tensor:
@@ -162,9 +220,7 @@ def sample_displaced(
         ident = to_normalised(torch.movedim(identity_grid(shape, device=u.device, dtype=u.dtype), 1, -1),
                               image.shape[2:])
     grid = torch.movedim(u.flip(1), 1, -1) * scale + ident
-    gs_mode = "bilinear" if mode == "linear" else mode
-    return F.grid_sample(image, grid.to(image.dtype), mode=gs_mode, padding_mode=padding_mode,
-                         align_corners=ALIGN_CORNERS)
+    return grid_sample(image, grid, mode=mode, padding_mode=padding_mode)
 
 
 def coarse_shape(shape: Sequence[int], stride: int) -> tuple[int, ...]:

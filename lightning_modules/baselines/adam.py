@@ -50,6 +50,8 @@ class AdamIO(BaselineModule):
         mind_radius, mind_dilation: MIND-SSC ``r`` and ``d`` (1, 2).
         init: optional callable ``batch -> (B, n, *S)`` giving the initial full-resolution field (voxel
             units); a batch key ``"init_disp"`` takes precedence.
+        logj_weight: weight of a log-Jacobian volume-change term (:func:`layers.diff.log_jacobian_energy` of
+            the field on the optimisation grid; 0: none, the published recipe).
 
     Raises:
         ValueError: an unknown preset, a bad schedule or non-positive sizes.
@@ -72,6 +74,7 @@ class AdamIO(BaselineModule):
         mind_radius: int = 1,
         mind_dilation: int = 2,
         init: InitFn | None = None,
+        logj_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["init"] + ([] if schedule is None or isinstance(
@@ -87,14 +90,16 @@ class AdamIO(BaselineModule):
         self.step_unit = float(chosen.step_unit if step_unit is None else step_unit)
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0; got {iterations}")
-        if stride < 1 or smooth_passes < 0 or lam < 0:
+        if stride < 1 or smooth_passes < 0 or lam < 0 or not logj_weight >= 0:
             raise ValueError(
-                f"need stride >= 1, smooth_passes >= 0, lam >= 0; got {stride}, {smooth_passes}, {lam}"
+                f"need stride >= 1, smooth_passes >= 0, lam >= 0, logj_weight >= 0; got {stride}, "
+                f"{smooth_passes}, {lam}, {logj_weight}"
             )
         self.preset, self.lam, self.stride = preset, float(lam), int(stride)
         self.smooth_passes, self.weight = int(smooth_passes), float(weight)
         self.mind_radius, self.mind_dilation = int(mind_radius), int(mind_dilation)
         self.init_fn = init
+        self.logj_weight = float(logj_weight)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """MIND-SSC of ``(B, 1, *S)`` -> ``(B, 12 | 4, *S)`` (full resolution, no gradient)."""
@@ -127,6 +132,7 @@ class AdamIO(BaselineModule):
             schedule=self.schedule if schedule is None else schedule,
             lam=self.lam, weight=self.weight, step_unit=self.step_unit,
             smooth_passes=self.smooth_passes if smooth_passes is None else int(smooth_passes),
+            logj_weight=self.logj_weight,
         )
 
     def initial_field(self, batch: dict[str, Any]) -> torch.Tensor | None:

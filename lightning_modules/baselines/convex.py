@@ -199,6 +199,8 @@ class ConvexAdam(BaselineModule):
         lncc_radius: LNCC window half-width in voxels of the LNCC grid (3).
         lncc_stride: stride of the LNCC image grid (2: half resolution; must divide ``adam_stride``).
         velocity_steps: scaling-and-squaring steps of a diffeomorphic Adam stage (0: additive, published).
+        logj_weight: weight of the log-Jacobian volume-change term of the Adam stage
+            (:func:`layers.diff.log_jacobian_energy` on its grid; 0: none, published).
 
     Raises:
         ValueError: at registration, when ``2 disp_hw + 1`` exceeds the coarse grid along some axis.
@@ -226,9 +228,12 @@ class ConvexAdam(BaselineModule):
         lncc_radius: int = 3,
         lncc_stride: int = 2,
         velocity_steps: int = 0,
+        logj_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if not logj_weight >= 0:
+            raise ValueError(f"logj_weight must be >= 0; got {logj_weight}")
         if lncc_weight < 0 or velocity_steps < 0 or (lncc_weight > 0 and (
                 lncc_radius < 1 or lncc_stride < 1 or adam_stride % lncc_stride)):
             raise ValueError(
@@ -250,6 +255,7 @@ class ConvexAdam(BaselineModule):
         self.mind_radius, self.mind_dilation = int(mind_radius), int(mind_dilation)
         self.lncc_weight, self.lncc_radius = float(lncc_weight), int(lncc_radius)
         self.lncc_stride, self.velocity_steps = int(lncc_stride), int(velocity_steps)
+        self.logj_weight = float(logj_weight)
 
     def coarse_field(self, fixed_feat: torch.Tensor, moving_feat: torch.Tensor) -> torch.Tensor:
         """The convex stage on full-resolution features ``(B, C, *S)``.
@@ -283,4 +289,5 @@ class ConvexAdam(BaselineModule):
             fixed_feat, moving_feat, fixed.shape[2:], self.adam_stride, init=init,
             iterations=self.iterations, schedule=self.schedule, lam=self.lam, weight=self.weight,
             smooth_passes=self.smooth_passes, extra=extra, velocity_steps=self.velocity_steps,
+            logj_weight=self.logj_weight,
         )

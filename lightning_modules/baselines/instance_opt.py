@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from layers.diff import diffusion
+from layers.diff import diffusion, log_jacobian_energy
 from layers.features import box_filter
 from layers.grid import channels_last, coarse_shape, pool_to_grid, spatial_dims, upsample_field
 from layers.similarity import LNCC
@@ -60,51 +60,24 @@ def smooth(x: torch.Tensor, passes: int) -> torch.Tensor:
 class FeatureMSE:
     """``MSE(fixed, moving ∘ (id + v))`` for a field ``v`` ``(B, n, *G)`` in voxels of the feature grid.
 
-    Warping goes through :func:`layers.warp.warp_image`. On the CPU, PyTorch's 3D ``grid_sample`` runs one
-    thread per batch item, so a single 3D pair would use one core: there the grid is cut into ``slabs`` slabs
-    along the first axis, stacked as a batch (the moving features expanded, not copied; each slab's field
-    offset by its first row), which spreads the warp over the threads. The mean over all elements does not
-    depend on the layout, so the fixed features are rearranged once and the warped slabs are never put back.
-    The value and gradient equal the unsplit computation to float rounding. The moving features go through
-    :func:`layers.grid.channels_last` (channels-last layout for 3D multi-channel CPU features above a size
-    threshold: the same values, a faster warp).
+    Warping goes through :func:`layers.warp.warp_image` (which spreads one 3D volume over the CPU threads,
+    :func:`layers.grid.grid_sample`). The moving features go through :func:`layers.grid.channels_last`
+    (channels-last layout for 3D multi-channel CPU features above a size threshold: the same values, a faster
+    warp).
 
     Args:
         fixed, moving: ``(B, C, *G)`` features (constants).
-        slabs: number of slabs (None: automatic: ``2 × threads`` slabs when the device is the CPU, the input
-            is 3D with ``B = 1`` and ``G[0]`` is divisible by it, else 1).
     """
 
-    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, slabs: int | None = None) -> None:
-        n = spatial_dims(fixed, "fixed")
-        depth = fixed.shape[2]
-        if slabs is None:
-            slabs = 1
-            threads = torch.get_num_threads()
-            if fixed.device.type == "cpu" and n == 3 and fixed.shape[0] == 1 and threads > 1:
-                slabs = next((k for k in (2 * threads, threads) if depth % k == 0 and depth // k >= 2), 1)
-        if slabs < 1 or depth % slabs or (slabs > 1 and (n != 3 or fixed.shape[0] != 1)):
-            raise ValueError(f"slabs must divide the first grid axis {depth} (and > 1 needs one 3D pair); "
-                             f"got {slabs} for shape {tuple(fixed.shape)}")
-        self.slabs, self.n = int(slabs), n
-        moving = channels_last(moving)
-        if self.slabs == 1:
-            self.fixed, self.moving, self.offset = fixed, moving, None
-            return
-        k, rows = self.slabs, depth // self.slabs
-        self.fixed = fixed[0].reshape(fixed.shape[1], k, rows, *fixed.shape[3:]).transpose(0, 1).contiguous()
-        self.moving = moving.expand(k, *moving.shape[1:])
-        offset = torch.zeros(k, n, *([1] * n), dtype=fixed.dtype, device=fixed.device)
-        offset[:, 0] = (torch.arange(k, dtype=fixed.dtype, device=fixed.device) * rows).view(k, *([1] * n))
-        self.offset = offset
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:
+        spatial_dims(fixed, "fixed")
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} features differ")
+        self.fixed, self.moving = fixed, channels_last(moving)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """The MSE (a scalar, differentiable in ``v``)."""
-        if self.offset is None:
-            return F.mse_loss(warp_image(self.moving, v), self.fixed)
-        k = self.slabs
-        vs = v[0].reshape(self.n, k, v.shape[2] // k, *v.shape[3:]).transpose(0, 1) + self.offset
-        return F.mse_loss(warp_image(self.moving, vs), self.fixed)
+        return F.mse_loss(warp_image(self.moving, v), self.fixed)
 
 
 class ImageLNCC:
@@ -176,6 +149,7 @@ def adam_optimise(
     step_unit: float = 1.0,
     extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
     velocity_steps: int = 0,
+    logj_weight: float = 0.0,
     callback: Callable[[int, float, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Adam instance optimisation on the coarse grid (see the module docstring).
@@ -200,6 +174,10 @@ def adam_optimise(
             then ``u₀``), so the coarse map is invertible whenever ``u₀``'s is (the linear upsampling of the
             result to full resolution preserves that only approximately); the diffusion term is still taken of
             the whole field ``v``.
+        logj_weight: weight μ of a volume-change term ``μ · mean(log det(I + ∇v)²)`` of the whole coarse field
+            (:func:`layers.diff.log_jacobian_energy`; 0: none). It penalises expansion and compression but
+            not shears, so it lowers the spread of log J for less loss of alignment than a larger λ. Central
+            differences do not see a node-to-node checkerboard, so use it with ``smooth_passes >= 1``.
         callback: called after every step with ``(step, loss, u)``, ``u`` detached (for logging or tracing).
 
     Returns:
@@ -217,6 +195,8 @@ def adam_optimise(
         raise ValueError(f"step_unit must be > 0; got {step_unit}")
     if velocity_steps < 0:
         raise ValueError(f"velocity_steps must be >= 0; got {velocity_steps}")
+    if not logj_weight >= 0:
+        raise ValueError(f"logj_weight must be >= 0; got {logj_weight}")
     with torch.inference_mode(False), torch.enable_grad():
         fixed = grad_ready(fixed.detach())
         moving = grad_ready(moving.detach())
@@ -239,6 +219,8 @@ def adam_optimise(
             opt.zero_grad(set_to_none=True)
             v = field(delta)
             loss = lam * diffusion(v)
+            if logj_weight:
+                loss = loss + logj_weight * log_jacobian_energy(v)
             if similarity is not None:
                 loss = loss + weight * similarity(v)
             if extra is not None:

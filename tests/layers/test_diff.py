@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from layers.diff import diffusion, jacobian_determinant, spatial_gradient
+from layers.diff import diffusion, jacobian_determinant, log_jacobian_energy, safe_log, spatial_gradient
 from layers.grid import identity_grid
 
 F64 = torch.float64
@@ -75,6 +75,18 @@ def test_jacobian_determinant_uses_du_i_dx_j():
         jacobian_determinant(torch.zeros(1, 3, 4, 4))
 
 
+@pytest.mark.parametrize("shape", [(7, 9), (5, 6, 7)])
+def test_jacobian_determinant_of_a_random_field_matches_numpy(shape):
+    # per voxel: numpy.linalg.det(I + numpy.gradient(u)) (an independent reference for the explicit formulas)
+    n = len(shape)
+    u = torch.randn(2, n, *shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    jac = jacobian_determinant(u).numpy()
+    for b in range(2):
+        grads = np.stack([np.stack(np.gradient(u[b, i].numpy(), edge_order=1)) for i in range(n)])  # (n, n, *S)
+        ref = np.linalg.det(np.moveaxis(np.moveaxis(grads + np.eye(n).reshape(n, n, *([1] * n)), 0, -1), 0, -1))
+        np.testing.assert_allclose(jac[b], ref, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(6, 9), (4, 5, 7)])
 def test_diffusion_of_linear_field_closed_form(shape):
     n = len(shape)
@@ -98,3 +110,39 @@ def test_diffusion_hand_value():
     u.requires_grad_(True)
     diffusion(u).backward()
     assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+def test_safe_log_values_and_continuation():
+    x = torch.tensor([2.0, 0.5, 0.01, 0.0, -1.0], dtype=F64)
+    out = safe_log(x, 0.01)
+    _close(out[:3], torch.log(x[:3]))
+    # linear continuation below eps: log(eps) + (x - eps) / eps, continuous at eps with slope 1/eps
+    _close(out[3:], np.log(0.01) + (x[3:] - 0.01) / 0.01)
+    xr = x.clone().requires_grad_()
+    grad, = torch.autograd.grad(safe_log(xr, 0.01).sum(), xr)
+    _close(grad, torch.tensor([0.5, 2.0, 100.0, 100.0, 100.0], dtype=F64))
+    with pytest.raises(ValueError, match="eps"):
+        safe_log(x, 0.0)
+
+
+@pytest.mark.parametrize("a,expected_det", [
+    (np.array([[0.2, 0.0], [0.0, 0.0]]), 1.2),                    # stretch
+    (np.array([[0.0, 0.7], [0.0, 0.0]]), 1.0),                    # shear: volume preserving, no cost
+    (np.array([[-0.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), 0.5),
+    (np.array([[-1.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), -0.5),  # folded
+])
+def test_log_jacobian_energy_of_affine_fields(a, expected_det):
+    n = a.shape[0]
+    u = _affine(a, np.zeros(n), (6, 7, 8)[:n])
+    eps = 1e-2
+    log_det = np.log(expected_det) if expected_det > eps else np.log(eps) + (expected_det - eps) / eps
+    assert log_jacobian_energy(u, eps).item() == pytest.approx(log_det**2, abs=1e-12)
+    # expansion and compression by the same factor cost the same
+    if expected_det == 1.2:
+        shrink = _affine(np.array([[1 / 1.2 - 1, 0.0], [0.0, 0.0]]), np.zeros(2), (6, 7))
+        assert log_jacobian_energy(shrink).item() == pytest.approx(log_det**2, abs=1e-12)
+
+
+def test_log_jacobian_energy_gradcheck():
+    u = (0.2 * torch.randn(1, 3, 4, 5, 4, generator=torch.Generator().manual_seed(5), dtype=F64)).requires_grad_()
+    assert torch.autograd.gradcheck(log_jacobian_energy, (u,))

@@ -10,10 +10,12 @@ from torch.testing import assert_close
 from layers.grid import (
     check_field,
     coarse_shape,
+    grid_sample,
     identity_grid,
     pool_to_grid,
     resize_field,
     sample,
+    slab_count,
     spatial_dims,
     to_normalised,
     upsample_field,
@@ -186,3 +188,35 @@ def test_channels_last_warps_the_same():
     one = torch.rand(1, 1, 4, 4, 4, dtype=torch.float64)
     assert channels_last(one, min_voxels=0) is one
     assert channels_last(image) is image  # below the default size threshold
+
+
+@pytest.mark.parametrize("mode,padding", [("linear", "border"), ("linear", "zeros"), ("nearest", "border")])
+def test_grid_sample_slabs_equal_the_plain_call(mode, padding):
+    # one 3D volume split into 4 slabs along the grid's first axis: same values and (linear) gradients with
+    # respect to the image and the grid, in float64, as one grid_sample call
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 3, 9, 10, 11, generator=g, dtype=torch.float64).requires_grad_()
+    grid = (2.4 * torch.rand(1, 8, 7, 6, 3, generator=g, dtype=torch.float64) - 1.2).requires_grad_()
+    weights = torch.randn(1, 3, 8, 7, 6, generator=g, dtype=torch.float64)
+    outs = []
+    for slabs in (1, 4):
+        out = grid_sample(image, grid, mode=mode, padding_mode=padding, slabs=slabs)
+        if mode == "linear":
+            outs.append((out, *torch.autograd.grad((out * weights).sum(), (image, grid))))
+        else:
+            outs.append((out,))
+    assert outs[0][0].shape == (1, 3, 8, 7, 6)
+    for a, b in zip(*outs):
+        assert_close(a, b, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="slabs=3"):
+        grid_sample(image, grid, slabs=3)
+
+
+def test_slab_count_rule():
+    big = torch.zeros(1, 40, 32, 32, 3)
+    assert slab_count(big, threads=1) == 1
+    assert slab_count(big, threads=2) == 4
+    assert slab_count(torch.zeros(1, 42, 32, 32, 3), threads=2) == 2  # 4 does not divide 42
+    assert slab_count(torch.zeros(2, 40, 32, 32, 3), threads=2) == 1  # a batch is already parallel
+    assert slab_count(torch.zeros(1, 8, 8, 8, 3), threads=2) == 1  # too small to be worth it
+    assert slab_count(torch.zeros(1, 64, 64, 2), threads=2) == 1  # 2D

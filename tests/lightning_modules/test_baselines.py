@@ -121,6 +121,9 @@ FAST = {
     # the convexadam_lncc.yaml recipe (intensity LNCC, diffeomorphic Adam stage on a stride-4 grid)
     "convexadam_lncc": dict(grid_sp=4, weight=0.0, lncc_weight=1.0, lncc_radius=3, lncc_stride=2, adam_stride=4,
                             velocity_steps=5, lam=0.2, iterations=60),
+    # the convexadam_logj.yaml recipe (LNCC r 5, stride-2 SVF with 2 squarings, log-Jacobian term)
+    "convexadam_logj": dict(grid_sp=4, weight=0.0, lncc_weight=1.0, lncc_radius=5, lncc_stride=2, adam_stride=2,
+                            velocity_steps=2, smooth_passes=2, logj_weight=0.35, lam=0.2, iterations=22),
 }
 
 
@@ -184,19 +187,6 @@ def test_inverse_consistency_keeps_exact_inverses():
     u1, u2 = inverse_consistency(u, -u, 15)
     torch.testing.assert_close(u1, u)
     torch.testing.assert_close(u2, -u)
-
-
-def test_feature_mse_slabs_match_the_plain_warp():
-    g = torch.Generator().manual_seed(2)
-    fixed, moving = torch.rand(1, 5, 8, 9, 10, generator=g), torch.rand(1, 5, 8, 9, 10, generator=g)
-    v = (2 * torch.randn(1, 3, 8, 9, 10, generator=g)).requires_grad_()
-    plain, slabs = FeatureMSE(fixed, moving, slabs=1), FeatureMSE(fixed, moving, slabs=4)
-    grad_plain, = torch.autograd.grad(plain(v), v)
-    grad_slabs, = torch.autograd.grad(slabs(v), v)
-    torch.testing.assert_close(slabs(v), plain(v), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad_slabs, grad_plain, rtol=1e-4, atol=1e-7)
-    with pytest.raises(ValueError, match="slabs must divide"):
-        FeatureMSE(fixed, moving, slabs=3)
 
 
 # ------------------------------------------------------------------------------------------ AdamIO init
@@ -270,6 +260,39 @@ def test_convexadam_lncc_options_are_checked():
         ConvexAdam(lncc_weight=-1.0)
     with pytest.raises(ValueError, match="velocity_steps"):
         ConvexAdam(velocity_steps=-2)
+
+
+def test_log_jacobian_term_enters_the_loss_in_closed_form():
+    # lr 0, no similarity, λ 0: the loss of the first step is μ · log(det(I + A))² for an affine initial field
+    # u₀ = s·(A g) + t on the stride-s grid (A in coarse voxels per coarse voxel; exact with central differences)
+    from lightning_modules.baselines.schedules import make_schedule
+
+    s, mu = 4, 0.7
+    a = torch.tensor([[0.1, 0.05, 0.0], [0.0, -0.2, 0.03], [0.02, 0.0, 0.15]], dtype=torch.float64)
+    g = torch.stack(torch.meshgrid(*[torch.arange(10, dtype=torch.float64)] * 3, indexing="ij"))
+    init = (s * torch.einsum("ij,j...->i...", a, g) + torch.tensor([1.0, -2.0, 0.5]).view(3, 1, 1, 1))[None]
+    feats = torch.rand(1, 2, 10, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    losses = []
+    adam_optimise(feats, feats, s, init=init, iterations=1, schedule=make_schedule(0.0), lam=0.0, weight=0.0,
+                  logj_weight=mu, velocity_steps=2, callback=lambda step, loss, u: losses.append(loss))
+    expected = mu * math.log(float(torch.linalg.det(torch.eye(3, dtype=torch.float64) + a))) ** 2
+    assert losses[0] == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="logj_weight"):
+        adam_optimise(feats, feats, s, iterations=1, schedule=make_schedule(1.0), logj_weight=-1.0)
+    for cls in (ConvexAdam, AdamIO):
+        with pytest.raises(ValueError, match="logj_weight"):
+            cls(logj_weight=-0.1)
+
+
+def test_log_jacobian_term_lowers_the_spread_of_log_j(pair3d):
+    # the same ConvexAdam LNCC recipe with and without the term: a smaller SDlogJ, no folding, still aligned
+    settings = {**FAST["convexadam_logj"], "iterations": 15}
+    with torch.no_grad():
+        without = pair_metrics(pair3d, ConvexAdam(**{**settings, "logj_weight": 0.0}).register(pair3d), hd95=False)
+        with_term = pair_metrics(pair3d, ConvexAdam(**{**settings, "logj_weight": 2.0}).register(pair3d),
+                                 hd95=False)
+    assert float(with_term["sdlogj"]) < 0.5 * float(without["sdlogj"]), (with_term, without)  # 0.16 vs 0.47
+    assert float(with_term["folding"]) == 0.0 and float(with_term["dice"]) > 0.75
 
 
 # ------------------------------------------------------------------------------------------ Lightning
@@ -354,10 +377,11 @@ def test_bad_inputs(pair3d):
         AdamIO(iterations=1).register({**pair3d, "init_disp": torch.zeros(1, 3, 8, 8, 8)})
 
 
-@pytest.mark.parametrize("slabs", [1, 4])
-def test_feature_mse_channels_last_path_is_exact(slabs, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_feature_mse_channels_last_path_is_exact(threads, monkeypatch):
     # 32³ with 4 channels is above channels_last's size threshold: the layout used for the warp must not change
-    # the value or the gradient (compared with the moving features forced to stay channels-first)
+    # the value or the gradient (compared with the moving features forced to stay channels-first), with the
+    # warp in one piece (1 thread) or split into slabs (2 threads)
     import layers.grid
     import lightning_modules.baselines.instance_opt as io
 
@@ -366,12 +390,18 @@ def test_feature_mse_channels_last_path_is_exact(slabs, monkeypatch):
     moving = torch.rand(1, 4, 32, 32, 32, generator=g, dtype=torch.float64)
     v = (2 * torch.randn(1, 3, 32, 32, 32, generator=g, dtype=torch.float64)).requires_grad_()
     assert layers.grid.channels_last(moving).is_contiguous(memory_format=torch.channels_last_3d)
-    fast = FeatureMSE(fixed, moving, slabs=slabs)
-    value = fast(v)
-    grad, = torch.autograd.grad(value, v)
-    monkeypatch.setattr(io, "channels_last", lambda x: x)
-    plain = FeatureMSE(fixed, moving, slabs=slabs)
-    ref = plain(v)
-    ref_grad, = torch.autograd.grad(ref, v)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert layers.grid.slab_count(v.new_zeros(1, 32, 32, 32, 3)) == (1 if threads == 1 else 4)
+        fast = FeatureMSE(fixed, moving)
+        value = fast(v)
+        grad, = torch.autograd.grad(value, v)
+        monkeypatch.setattr(io, "channels_last", lambda x: x)
+        plain = FeatureMSE(fixed, moving)
+        ref = plain(v)
+        ref_grad, = torch.autograd.grad(ref, v)
+    finally:
+        torch.set_num_threads(previous)
     torch.testing.assert_close(value, ref, rtol=0, atol=1e-15)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-15)
