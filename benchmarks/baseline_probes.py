@@ -1,11 +1,13 @@
-"""Probes of baseline settings on one BrainPair direction (issue 5: can any setting reach Dice 0.72?).
+"""Probes of baseline settings (issue 5: which settings reach Dice 0.72, and at what regularity?).
 
     python benchmarks/baseline_probes.py [--threads 2]
 
-Each row is ``make_baseline(method, **settings)`` on BrainPair 0001←0002 (Dice over the 30 labels of the
-dataset JSON), with the metrics of :func:`lightning_modules.metrics.pair_metrics` and the wall-clock seconds of
-``register``; results in ``benchmarks/results/baseline_probes.md``. Skipped with a message when the data is
-absent (``../shared/data`` or ``$L2O_SHARED_DATA``).
+Each row is ``make_baseline(method, **settings)`` on both BrainPair directions (Dice over the 30 labels of the
+dataset JSON; per direction and the mean), with the metrics of :func:`lightning_modules.metrics.pair_metrics`
+(means over the two directions) and the wall-clock seconds of ``register``; then variants of the
+``convexadam_logj.yaml`` recipe on 3 synthetic 3D pairs (64³, the benchmark's). Results in
+``benchmarks/results/baseline_probes.md``. The BrainPair part is skipped with a message when the data is absent
+(``../shared/data`` or ``$L2O_SHARED_DATA``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from baselines import brainpair_batches, run_method, shared_data_root  # noqa: E402
+from baselines import brainpair_batches, run_method, shared_data_root, synthetic_batches  # noqa: E402
 
 from lightning_modules.baselines import make_baseline  # noqa: E402
 
@@ -61,10 +63,38 @@ PROBES: list[tuple[str, str, dict[str, Any]]] = [
     ("same, LNCC r 5, μ 0.35 (convexadam_logj.yaml)", "convexadam",
      {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
       "velocity_steps": 2, "lam": 0.2, "logj_weight": 0.35, "smooth_passes": 2}),
+    ("same, LNCC r 5, no log-J term (λ 0.2)", "convexadam",
+     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
+      "velocity_steps": 2, "lam": 0.2, "smooth_passes": 2}),
+    ("same, LNCC r 5, no log-J term, λ 1 (smoother by diffusion only)", "convexadam",
+     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
+      "velocity_steps": 2, "lam": 1.0, "smooth_passes": 2}),
     ("same, LNCC r 5, μ 0.35, 5 squarings", "convexadam",
      {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
       "velocity_steps": 5, "lam": 0.2, "logj_weight": 0.35, "smooth_passes": 2}),
 ]
+
+
+#: the convexadam_logj.yaml recipe
+LOGJ_RECIPE: dict[str, Any] = {"weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "lncc_stride": 2, "adam_stride": 2,
+                               "velocity_steps": 2, "smooth_passes": 2, "logj_weight": 0.35, "lam": 0.2,
+                               "iterations": 22}
+
+#: (label, changes to LOGJ_RECIPE) on the synthetic 3D pairs: which part of the brain recipe fits 64³ phantoms
+SYNTHETIC_PROBES: list[tuple[str, dict[str, Any]]] = [
+    ("convexadam_logj.yaml", {}),
+    ("without the log-J term", {"logj_weight": 0.0}),
+    ("LNCC r 3", {"lncc_radius": 3}),
+    ("LNCC r 2", {"lncc_radius": 2}),
+    ("LNCC r 2, without the log-J term", {"lncc_radius": 2, "logj_weight": 0.0}),
+    ("LNCC r 3 at full resolution", {"lncc_radius": 3, "lncc_stride": 1}),
+    ("60 iterations", {"iterations": 60}),
+    ("MIND instead of LNCC", {"weight": 12.0, "lncc_weight": 0.0}),
+]
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,23 +104,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    batches = brainpair_batches(shared_data_root())[:1]
-    if not batches:
-        return 0
+    batches = brainpair_batches(shared_data_root())
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     lines = [
-        "# Baseline probes on BrainPair 0001←0002 (issue 5)",
+        "# Baseline probes (issue 5)",
         "",
         f"Command: `python benchmarks/baseline_probes.py --threads {args.threads}`; torch {torch.__version__}, "
         f"{args.threads} threads; started {started}.",
         "",
-        "| setting | Dice | SDlogJ | SDlogJ-L2R | folding (%) | s |",
+    ]
+    if batches:
+        lines += [
+            "## BrainPair, both directions",
+            "",
+            "Dice per direction and their mean; the other columns are means over the two directions.",
+            "",
+            "| setting | Dice 0001←0002 | Dice 0002←0001 | Dice | SDlogJ | SDlogJ-L2R | folding (%) | s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for label, method, settings in PROBES:
+            rows = run_method(make_baseline(method, **settings), batches)
+            per_direction = " | ".join(format(r["dice"], ".4f") for r in rows)
+            lines.append(f"| {label} | {per_direction} | "
+                         f"{_mean(rows, 'dice'):.4f} | {_mean(rows, 'sdlogj'):.3f} | {_mean(rows, 'sdlogj_l2r'):.3f} | "
+                         f"{100 * _mean(rows, 'folding'):.3f} | {_mean(rows, 'seconds'):.1f} |")
+    synthetic = synthetic_batches(3, 64)
+    lines += [
+        "",
+        "## Synthetic 3D (3 pairs, 64³): variants of the convexadam_logj.yaml recipe",
+        "",
+        "| setting | Dice | TRE (mm) | SDlogJ | folding (%) | s |",
         "|---|---|---|---|---|---|",
     ]
-    for label, method, settings in PROBES:
-        row = run_method(make_baseline(method, **settings), batches)[0]
-        lines.append(f"| {label} | {row['dice']:.4f} | {row['sdlogj']:.3f} | {row['sdlogj_l2r']:.3f} | "
-                     f"{100 * row['folding']:.3f} | {row['seconds']:.1f} |")
+    for label, changes in SYNTHETIC_PROBES:
+        rows = run_method(make_baseline("convexadam", **{**LOGJ_RECIPE, **changes}), synthetic)
+        lines.append(f"| {label} | {_mean(rows, 'dice'):.4f} | {_mean(rows, 'tre'):.3f} | "
+                     f"{_mean(rows, 'sdlogj'):.3f} | "
+                     f"{100 * _mean(rows, 'folding'):.3f} | {_mean(rows, 'seconds'):.2f} |")
     load = os.getloadavg()
     lines += ["", f"Load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Benchmark: CPU 3D warps of multi-channel features, channels-first vs channels-last memory layout.
+"""Benchmark: CPU 3D warps: channels-first vs channels-last memory layout, and one call vs slabs over threads.
 
     python benchmarks/warp_layout.py [--threads 2] [--repeats 7]
 
@@ -8,8 +8,11 @@ Adam stage of ConvexAdam / AdamIO on BrainPair (half resolution, 80×96×112) an
 with the moving features as given (channels first) and after :func:`layers.grid.channels_last`. Also one
 whole step of the Adam instance-optimisation loop (:class:`lightning_modules.baselines.instance_opt.FeatureMSE`
 with three smoothing passes and the diffusion term), which stores the moving features channels-last.
-Medians of ``--repeats`` runs, the two layouts alternating, all in one process; results in
-``benchmarks/results/warp_layout.md``.
+Then :func:`layers.grid.grid_sample` on one volume in one call (``slabs=1``, PyTorch's CPU kernel then uses one
+thread) against the automatic split into slabs over the threads (:func:`layers.grid.slab_count`), for a
+1-channel image, a 3-channel field (one scaling-and-squaring step warps a field by itself) and 12-channel
+features at 80×96×112. Medians of ``--repeats`` runs, the compared variants alternating, all in one process;
+results in ``benchmarks/results/warp_layout.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from layers.diff import diffusion  # noqa: E402
-from layers.grid import channels_last, sample_displaced  # noqa: E402
+from layers.grid import channels_last, grid_sample, sample_displaced, slab_count, to_normalised  # noqa: E402
 from lightning_modules.baselines.instance_opt import FeatureMSE, smooth  # noqa: E402
 
 
@@ -84,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for layout in ("channels first", "channels last"):
         sim = FeatureMSE(fixed, moving)
         if layout == "channels first":  # undo the layout FeatureMSE chose, to measure its effect
-            sim.moving = sim.moving.contiguous() if sim.offset is None else \
-                sim.moving[:1].contiguous().expand_as(sim.moving)
+            sim.moving = sim.moving.contiguous()
 
         def step(sim=sim):
             v = smooth(delta, 3)
@@ -93,6 +95,32 @@ def main(argv: list[str] | None = None) -> int:
 
         steps.append(step)
     cf, cl = _paired(steps, args.repeats)
+
+    slab_rows = []
+    shape = (80, 96, 112)
+    coarse = torch.randn(1, 3, *[s // 8 for s in shape], generator=g) * 3
+    u = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+    ident = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    grid = to_normalised(torch.movedim(ident[None] + u, 1, -1), shape).contiguous()
+    k = slab_count(grid)
+    for channels in (1, 3, 12):
+        image = torch.rand(1, channels, *shape, generator=g)
+        weight = torch.randn(1, channels, *shape, generator=g)
+        fns = []
+        for slabs in (1, None):
+            def fwd(image=image, slabs=slabs):
+                with torch.no_grad():
+                    grid_sample(image, grid, slabs=slabs)
+
+            def fwd_bwd(image=image, weight=weight, slabs=slabs):
+                img, gr = image.clone().requires_grad_(), grid.clone().requires_grad_()
+                (grid_sample(img, gr, slabs=slabs) * weight).sum().backward()
+
+            fns.append((fwd, fwd_bwd))
+        t = _paired([fns[0][0], fns[1][0]], args.repeats)
+        t2 = _paired([fns[0][1], fns[1][1]], args.repeats)
+        slab_rows.append(f"| {channels}×{'×'.join(map(str, shape))} | {t[0] * 1e3:.0f} | {t[1] * 1e3:.0f} | "
+                         f"{t[0] / t[1]:.2f} | {t2[0] * 1e3:.0f} | {t2[1] * 1e3:.0f} | {t2[0] / t2[1]:.2f} |")
 
     load = os.getloadavg()
     text = [
@@ -109,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         f"One Adam instance-optimisation step at BrainPair half resolution (12-channel features 80×96×112, three "
         f"smoothing passes, MSE + diffusion, forward and backward): channels first {cf * 1e3:.0f} ms, channels "
         f"last {cl * 1e3:.0f} ms (ratio {cf / cl:.2f}).",
+        "",
+        f"## One call vs {k} slabs over the threads (`layers.grid.grid_sample`, one volume)",
+        "",
+        "Forward, and forward + backward with respect to the image and the grid; medians in ms.",
+        "",
+        "| image | forward, 1 call | forward, slabs | ratio | fwd + bwd, 1 call | fwd + bwd, slabs | ratio |",
+        "|---|---|---|---|---|---|---|",
+        *slab_rows,
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

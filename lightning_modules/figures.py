@@ -102,7 +102,7 @@ def pair_figure(
     folds = j <= 0
     if folds.any():
         axes[1, 3].contour(folds, levels=[0.5], colors="k", linewidths=0.8)
-    axes[1, 3].set_title(f"Jacobian determinant (min {j.min():.2f}, folds: black)")
+    axes[1, 3].set_title(f"det J (min {j.min():.2f}; folds black)")
     fig.colorbar(im, ax=axes[1, 3], fraction=0.046)
     for ax in axes.flat:
         ax.set_xticks([])
