@@ -1,8 +1,9 @@
 """Resampling of volumes to a target spacing or shape, keeping keypoints, spacing and affine consistent.
 
 Every resampling here is a *linear index map* per axis: output voxel ``j`` reads input position
-``j * scale`` (voxel indices, array order), sampled through :func:`layers.grid.sample` (the project's one
-``grid_sample``; linear for images, nearest for labels and masks, zeros outside the input). Hence
+``j * scale`` (voxel indices, array order), sampled through :func:`layers.grid.sample` (which goes through the
+project's one ``grid_sample``, :func:`layers.grid.grid_sample`; linear for images, nearest for labels and masks,
+zeros outside the input). Hence
 
 * keypoints: ``p_out = p_in / scale``;
 * spacing: ``spacing_out = spacing_in * scale`` (mm per voxel);

@@ -14,9 +14,10 @@ project goes through :func:`grid_sample` with that choice.
 
 **Threads.** On the CPU, PyTorch's 3D ``grid_sample`` (forward and backward) parallelises over the batch only,
 so a single 3D volume is warped on one core. :func:`grid_sample` therefore cuts the sampling grid of one large
-3D volume into slabs along its first axis and samples them as a batch (the image expanded, not copied), which
-spreads a warp over the threads; the result is put back together and equals the plain call (value and
-gradients) to float rounding.
+3D volume into slabs along its first axis and samples them as a batch (the image expanded, not copied, in the
+forward pass; the gradient of an image that requires one is accumulated per slab and then summed), which
+spreads a warp over the threads (1.5-1.9× faster at 2 threads, ``benchmarks/results/warp_layout.md``); the
+result is put back together and equals the plain call (value and gradients) to float rounding.
 
 **Coarse grids.** A grid of stride ``s`` has ``G_i = ceil(S_i / s)`` nodes; node ``g`` is the average of
 full-resolution voxels ``s*g … s*g + s - 1`` (centre ``s*g + (s - 1) / 2``). Displacements on a coarse grid
@@ -57,19 +58,24 @@ _LINEAR = {2: "bilinear", 3: "trilinear"}
 #: Fewest output voxels of a 3D warp that is split into slabs over the CPU threads (:func:`grid_sample`).
 SLAB_MIN_VOXELS = 1 << 15
 
+#: Most slabs :func:`grid_sample` uses: the gradient of an image that requires one is accumulated per slab
+#: before it is summed, so the backward pass holds up to this many image-sized temporaries.
+SLAB_MAX = 8
+
 
 def slab_count(grid: torch.Tensor, threads: int | None = None) -> int:
     """Number of slabs :func:`grid_sample` cuts a sampling grid ``(B, *T, n)`` into: 1 unless the grid is on the
     CPU, 3D, of one volume (``B = 1``) with at least :data:`SLAB_MIN_VOXELS` voxels, and more than one thread is
-    used; then the first of ``2·threads``, ``threads`` that divides ``T[0]`` with at least two rows per slab
-    (else 1)."""
+    used; then the largest ``k ≤ min(threads, SLAB_MAX)`` that divides ``T[0]`` with at least two rows per slab
+    (1 if none). One slab per thread was as fast as two or four per thread at 2 threads
+    (``benchmarks/results/warp_layout.md``)."""
     threads = torch.get_num_threads() if threads is None else int(threads)
     if grid.device.type != "cpu" or grid.dim() != 5 or grid.shape[0] != 1 or threads < 2:
         return 1
     if grid.shape[1:-1].numel() < SLAB_MIN_VOXELS:
         return 1
     depth = grid.shape[1]
-    return next((k for k in (2 * threads, threads) if depth % k == 0 and depth // k >= 2), 1)
+    return next((k for k in range(min(threads, SLAB_MAX), 1, -1) if depth % k == 0 and depth // k >= 2), 1)
 
 
 def grid_sample(
@@ -88,21 +94,22 @@ def grid_sample(
         grid: normalised coordinates ``(B, *T, n)`` (x, y[, z] order, as ``grid_sample`` wants).
         mode: ``"linear"`` (bi/trilinear) or ``"nearest"``.
         padding_mode: ``"border"`` or ``"zeros"``.
-        slabs: split a one-volume 3D grid into this many slabs along ``T[0]`` (must divide it); None picks
-            :func:`slab_count` (see the module docstring).
+        slabs: split a one-volume 3D grid into this many slabs along ``T[0]`` (must divide it; the image must be
+            one volume too); None picks :func:`slab_count` (see the module docstring), and 1 for an image batch.
 
     Returns:
         ``(B, C, *T)``.
     """
     gs_mode = "bilinear" if mode == "linear" else mode
     grid = grid.to(image.dtype)
-    k = slab_count(grid) if slabs is None else int(slabs)
+    k = (slab_count(grid) if image.shape[0] == 1 else 1) if slabs is None else int(slabs)
     if k > 1:
-        if grid.dim() != 5 or grid.shape[0] != 1 or grid.shape[1] % k:
-            raise ValueError(f"slabs={k} needs one 3D grid whose first axis it divides; got {tuple(grid.shape)}")
+        if grid.dim() != 5 or grid.shape[0] != 1 or image.shape[0] != 1 or grid.shape[1] % k:
+            raise ValueError(f"slabs={k} needs one 3D image and one 3D grid whose first axis it divides; got image "
+                             f"{tuple(image.shape)}, grid {tuple(grid.shape)}")
         depth = grid.shape[1]
         parts = grid.reshape(k, depth // k, *grid.shape[2:])
-        img = image.expand(k, *image.shape[1:]) if image.shape[0] == 1 else image
+        img = image.expand(k, *image.shape[1:])
         out = F.grid_sample(img, parts, mode=gs_mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
         return out.transpose(0, 1).reshape(1, image.shape[1], depth, *grid.shape[2:-1])
     return F.grid_sample(image, grid, mode=gs_mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
@@ -179,9 +186,10 @@ def channels_last(image: torch.Tensor, min_voxels: int = 1 << 15) -> torch.Tenso
     unchanged).
 
     PyTorch's CPU ``grid_sample`` reads all channels of a voxel's 8 neighbours; with the channels adjacent in
-    memory it ran 12-27 % faster (forward, and forward + backward with respect to the grid) on 12-channel
-    features of 80×96×112 and 64³ voxels (``benchmarks/results/warp_layout.md``; single runs on this shared
-    2-core machine vary by ±15 %). Tiny volumes are left alone. Convert once, before warping the same image
+    memory the warp alone ran 4-23 % faster (forward, and forward + backward with respect to the grid) on
+    12-channel features of 80×96×112 and 64³ voxels, and a whole Adam step 0-8 % faster (two runs of
+    ``benchmarks/warp_layout.md`` at 2 threads, with the warp split over the threads; single runs on this
+    shared 2-core machine vary by ±15 %). Tiny volumes are left alone. Convert once, before warping the same image
     many times (the conversion is a copy, differentiable).
     """
     if (image.dim() == 5 and image.device.type == "cpu" and image.shape[1] > 1

@@ -1,7 +1,8 @@
 """Warping with a displacement field (DESIGN.md §2): ``warped(x) = moving(x + u(x))``.
 
 All functions take ``u`` of shape ``(B, n, *S)`` in voxel units on the fixed grid ``S`` and sample through
-:func:`layers.grid.sample` (the project's single ``align_corners`` choice). Sampling outside the moving image
+:func:`layers.grid.sample_displaced` / :func:`layers.grid.sample`, both through :func:`layers.grid.grid_sample`
+(the project's single ``align_corners`` choice). Sampling outside the moving image
 repeats its border.
 """
 

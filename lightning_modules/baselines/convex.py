@@ -177,20 +177,21 @@ class ConvexAdam(BaselineModule):
     term; ``velocity_steps > 0`` makes the Adam stage diffeomorphic (stationary velocity increment integrated by
     scaling and squaring and composed with the convex field, see
     :func:`~lightning_modules.baselines.instance_opt.adam_optimise`); ``logj_weight > 0`` adds the log-Jacobian
-    volume-change term (:func:`layers.diff.log_jacobian_energy`), which lowers the spread of log J for less
-    loss of Dice than a larger λ. On BrainPair (both directions, ``benchmarks/results/baselines.md``, 2 CPU
+    volume-change term (:func:`layers.diff.log_jacobian_energy`), which gives a smaller spread of log J than a
+    larger λ at the same Dice. On BrainPair (both directions, ``benchmarks/results/baselines.md``, 2 CPU
     threads):
 
-    * published settings: Dice 0.705, SDlogJ 0.45, 0.03 % folding, 24 s;
+    * published settings: Dice 0.705, SDlogJ 0.45, 0.03 % folding, 26 s;
     * LNCC r 3 at half resolution, stride-4 velocity (5 squarings), λ 0.2, 60 iterations
       (``configs/baselines/convexadam_lncc.yaml``): 0.725, SDlogJ 0.33, no folding, 15 s;
     * LNCC r 5 at half resolution, half-resolution velocity (2 squarings, 2 smoothing passes), λ 0.2,
       ``logj_weight`` 0.35, 22 iterations (``configs/baselines/convexadam_logj.yaml``): 0.735, SDlogJ 0.19, no
-      folding, 16 s.
+      folding, 15 s.
 
     These settings were chosen by probing on the two BrainPair directions themselves
-    (``benchmarks/results/baseline_probes.md``), so they are in-sample there; on the synthetic 3D pairs the
-    published settings are better (LNCC r 5 is too wide for 64³ phantoms).
+    (``benchmarks/results/baseline_probes.md``), so they are in-sample there, and they are brain-MRI settings: on
+    the 64³ synthetic pairs the published settings are clearly better (Dice 0.963 vs 0.918 for
+    ``convexadam_logj.yaml``; narrower LNCC windows or full-resolution LNCC recover only part of the gap).
 
     Args:
         grid_sp: stride of the coarse grid of the convex stage (6).

@@ -215,8 +215,58 @@ def test_grid_sample_slabs_equal_the_plain_call(mode, padding):
 def test_slab_count_rule():
     big = torch.zeros(1, 40, 32, 32, 3)
     assert slab_count(big, threads=1) == 1
-    assert slab_count(big, threads=2) == 4
-    assert slab_count(torch.zeros(1, 42, 32, 32, 3), threads=2) == 2  # 4 does not divide 42
+    assert slab_count(big, threads=2) == 2
+    assert slab_count(big, threads=4) == 4
+    assert slab_count(torch.zeros(1, 42, 32, 32, 3), threads=4) == 3  # the largest k <= threads dividing 42
+    assert slab_count(torch.zeros(1, 41, 32, 32, 3), threads=2) == 1  # prime depth: one call
+    assert slab_count(torch.zeros(1, 64, 32, 32, 3), threads=64) == 8  # at most SLAB_MAX slabs
     assert slab_count(torch.zeros(2, 40, 32, 32, 3), threads=2) == 1  # a batch is already parallel
     assert slab_count(torch.zeros(1, 8, 8, 8, 3), threads=2) == 1  # too small to be worth it
     assert slab_count(torch.zeros(1, 64, 64, 2), threads=2) == 1  # 2D
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_automatic_slabs_with_threads_equal_one_call(two_threads):
+    # the cases the warps of the project hit with 2 threads: a field warped by itself (scaling and squaring:
+    # gradients for the expanded image and the grid), channels-last features, a non-contiguous grid, nearest
+    # labels, point sets; compared with slabs=1 in float64
+    from layers.warp import compose
+
+    g = torch.Generator().manual_seed(6)
+    shape = (32, 32, 34)
+    assert slab_count(torch.zeros(1, *shape, 3, dtype=F64)) == 2
+    u = (2 * torch.randn(1, 3, *shape, generator=g, dtype=F64)).requires_grad_()
+    weights = torch.randn(1, 3, *shape, generator=g, dtype=F64)
+    auto = compose(u, u)
+    grad_auto, = torch.autograd.grad((auto * weights).sum(), u)
+    plain = u + grid_sample(u, to_normalised(torch.movedim(identity_grid(shape, dtype=F64) + u, 1, -1), shape),
+                            slabs=1)
+    grad_plain, = torch.autograd.grad((plain * weights).sum(), u)
+    _close(auto, plain)
+    _close(grad_auto, grad_plain)
+    feats = torch.rand(1, 4, *shape, generator=g, dtype=F64).contiguous(memory_format=torch.channels_last_3d)
+    coords = torch.movedim(identity_grid(shape, dtype=F64) + u.detach(), 1, -1)  # non-contiguous after movedim
+    grid = to_normalised(coords, shape)
+    for mode in ("linear", "nearest"):
+        _close(grid_sample(feats, grid, mode=mode), grid_sample(feats, grid, mode=mode, slabs=1))
+    points = 31 * torch.rand(1, 40000, 3, generator=g, dtype=F64)
+    _close(sample(feats, points),
+           grid_sample(feats, to_normalised(points, shape).reshape(1, 40000, 1, 1, 3), slabs=1).reshape(1, 4, -1))
+
+
+def test_slabs_never_mix_the_volumes_of_an_image_batch(two_threads):
+    # an image batch with a one-volume grid is not slabbed (each slab would read another volume): it fails as
+    # grid_sample itself does, and an explicit slab count is refused
+    images = torch.rand(4, 1, 32, 32, 32)
+    grid = torch.zeros(1, 32, 32, 32, 3)
+    with pytest.raises(RuntimeError, match="batch"):
+        grid_sample(images, grid)
+    with pytest.raises(ValueError, match="slabs=2"):
+        grid_sample(images, grid, slabs=2)

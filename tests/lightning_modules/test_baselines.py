@@ -284,15 +284,24 @@ def test_log_jacobian_term_enters_the_loss_in_closed_form():
             cls(logj_weight=-0.1)
 
 
-def test_log_jacobian_term_lowers_the_spread_of_log_j(pair3d):
-    # the same ConvexAdam LNCC recipe with and without the term: a smaller SDlogJ, no folding, still aligned
+@pytest.fixture(scope="module")
+def logj_runs(pair3d) -> dict:
+    """Metrics of the convexadam_logj recipe (15 iterations) on ``pair3d`` for log-J weights 0, 0.35 and 2."""
     settings = {**FAST["convexadam_logj"], "iterations": 15}
+    out = {}
     with torch.no_grad():
-        without = pair_metrics(pair3d, ConvexAdam(**{**settings, "logj_weight": 0.0}).register(pair3d), hd95=False)
-        with_term = pair_metrics(pair3d, ConvexAdam(**{**settings, "logj_weight": 2.0}).register(pair3d),
-                                 hd95=False)
-    assert float(with_term["sdlogj"]) < 0.5 * float(without["sdlogj"]), (with_term, without)  # 0.16 vs 0.47
+        for mu in (0.0, 0.35, 2.0):
+            out[mu] = pair_metrics(pair3d, ConvexAdam(**{**settings, "logj_weight": mu}).register(pair3d), hd95=False)
+    return out
+
+
+@pytest.mark.parametrize("mu,ratio", [(0.35, 0.5), (2.0, 0.4)])  # measured: 0.185 and 0.159 vs 0.467
+def test_log_jacobian_term_lowers_the_spread_of_log_j(logj_runs, mu, ratio):
+    # the same ConvexAdam LNCC recipe with and without the term: a smaller SDlogJ, no folding, still aligned
+    without, with_term = logj_runs[0.0], logj_runs[mu]
+    assert float(with_term["sdlogj"]) < ratio * float(without["sdlogj"]), (with_term, without)
     assert float(with_term["folding"]) == 0.0 and float(with_term["dice"]) > 0.75
+    assert float(logj_runs[2.0]["sdlogj"]) < float(logj_runs[0.35]["sdlogj"])  # more weight, smoother
 
 
 # ------------------------------------------------------------------------------------------ Lightning
@@ -393,7 +402,7 @@ def test_feature_mse_channels_last_path_is_exact(threads, monkeypatch):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert layers.grid.slab_count(v.new_zeros(1, 32, 32, 32, 3)) == (1 if threads == 1 else 4)
+        assert layers.grid.slab_count(v.new_zeros(1, 32, 32, 32, 3)) == (1 if threads == 1 else 2)
         fast = FeatureMSE(fixed, moving)
         value = fast(v)
         grad, = torch.autograd.grad(value, v)
