@@ -26,9 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from baselines import brainpair_batches, run_method, shared_data_root, synthetic_batches  # noqa: E402
+from baselines import brainpair_batches, recipe, run_method, shared_data_root, synthetic_batches  # noqa: E402
 
 from lightning_modules.baselines import make_baseline  # noqa: E402
+
+#: the convexadam_lncc.yaml and convexadam_logj.yaml recipes
+LNCC_RECIPE, LOGJ_RECIPE = recipe("convexadam_lncc"), recipe("convexadam_logj")
 
 #: (label, method, settings): less regularisation, finer grids, other MIND settings
 PROBES: list[tuple[str, str, dict[str, Any]]] = [
@@ -47,38 +50,21 @@ PROBES: list[tuple[str, str, dict[str, Any]]] = [
     ("ConvexAdam, 40 it, LNCC r 3 only, stride-4 grid, λ 0.5", "convexadam",
      {"iterations": 40, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4, "lam": 0.5}),
     ("ConvexAdam, LNCC r 3, stride-4 SVF (5 squarings), λ 0.2, 60 it (convexadam_lncc.yaml)", "convexadam",
-     {"iterations": 60, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4,
-      "velocity_steps": 5, "lam": 0.2}),
+     LNCC_RECIPE),
     # a log-Jacobian volume-change term (layers.diff.log_jacobian_energy) instead of more diffusion: the trade-off
     # between Dice and SDlogJ moves; then a finer (stride-2) velocity grid and larger LNCC windows
     ("same, + log-J term μ 0.3, 2 smoothing passes", "convexadam",
-     {"iterations": 60, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4,
-      "velocity_steps": 5, "lam": 0.2, "logj_weight": 0.3, "smooth_passes": 2}),
+     {**LNCC_RECIPE, "logj_weight": 0.3, "smooth_passes": 2}),
     ("ConvexAdam, LNCC r 3, ½-res SVF (2 squarings), μ 0.3, λ 0.2, 2 passes, 22 it", "convexadam",
-     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 2,
-      "velocity_steps": 2, "lam": 0.2, "logj_weight": 0.3, "smooth_passes": 2}),
-    ("same, LNCC r 5", "convexadam",
-     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
-      "velocity_steps": 2, "lam": 0.2, "logj_weight": 0.3, "smooth_passes": 2}),
-    ("same, LNCC r 5, μ 0.35 (convexadam_logj.yaml)", "convexadam",
-     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
-      "velocity_steps": 2, "lam": 0.2, "logj_weight": 0.35, "smooth_passes": 2}),
-    ("same, LNCC r 5, no log-J term (λ 0.2)", "convexadam",
-     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
-      "velocity_steps": 2, "lam": 0.2, "smooth_passes": 2}),
+     {**LOGJ_RECIPE, "lncc_radius": 3, "logj_weight": 0.3}),
+    ("same, LNCC r 5", "convexadam", {**LOGJ_RECIPE, "logj_weight": 0.3}),
+    ("same, LNCC r 5, μ 0.35 (convexadam_logj.yaml)", "convexadam", LOGJ_RECIPE),
+    ("same, LNCC r 5, no log-J term (λ 0.2)", "convexadam", {**LOGJ_RECIPE, "logj_weight": 0.0}),
     ("same, LNCC r 5, no log-J term, λ 1 (smoother by diffusion only)", "convexadam",
-     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
-      "velocity_steps": 2, "lam": 1.0, "smooth_passes": 2}),
-    ("same, LNCC r 5, μ 0.35, 5 squarings", "convexadam",
-     {"iterations": 22, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "adam_stride": 2,
-      "velocity_steps": 5, "lam": 0.2, "logj_weight": 0.35, "smooth_passes": 2}),
+     {**LOGJ_RECIPE, "logj_weight": 0.0, "lam": 1.0}),
+    ("same, LNCC r 5, μ 0.35, 5 squarings", "convexadam", {**LOGJ_RECIPE, "velocity_steps": 5}),
 ]
 
-
-#: the convexadam_logj.yaml recipe
-LOGJ_RECIPE: dict[str, Any] = {"weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "lncc_stride": 2, "adam_stride": 2,
-                               "velocity_steps": 2, "smooth_passes": 2, "logj_weight": 0.35, "lam": 0.2,
-                               "iterations": 22}
 
 #: (label, changes to LOGJ_RECIPE) on the synthetic 3D pairs: which part of the brain recipe fits 64³ phantoms
 SYNTHETIC_PROBES: list[tuple[str, dict[str, Any]]] = [

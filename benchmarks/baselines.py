@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,6 +39,11 @@ from lightning_modules.baselines import make_baseline  # noqa: E402
 from lightning_modules.metrics import pair_metrics  # noqa: E402
 
 log = logging.getLogger("benchmarks.baselines")
+
+def recipe(name: str) -> dict[str, Any]:
+    """The ``init_args`` of ``configs/baselines/<name>.yaml`` (the one place a baseline recipe is written)."""
+    return dict(yaml.safe_load((REPO / "configs" / "baselines" / f"{name}.yaml").read_text())["init_args"])
+
 
 #: (row label, method name, init arguments)
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
@@ -53,12 +59,10 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("ConvexAdam, 40 Adam iterations", "convexadam", {"iterations": 40}),
     ("ConvexAdam, λ 2.5, 60 Adam iterations (smoother)", "convexadam", {"lam": 2.5, "iterations": 60}),
     ("ConvexAdam + diffeomorphic LNCC Adam stage (r 3 at ½ res, stride-4 SVF, λ 0.2, 60 it; convexadam_lncc.yaml)",
-     "convexadam", {"weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "lncc_stride": 2, "adam_stride": 4,
-                    "velocity_steps": 5, "lam": 0.2, "iterations": 60}),
+     "convexadam", recipe("convexadam_lncc")),
     ("ConvexAdam + diffeomorphic LNCC Adam stage with log-Jacobian term (r 5 at ½ res, ½-res SVF, μ 0.35, λ 0.2, "
      "22 it; convexadam_logj.yaml)",
-     "convexadam", {"weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 5, "lncc_stride": 2, "adam_stride": 2,
-                    "velocity_steps": 2, "smooth_passes": 2, "logj_weight": 0.35, "lam": 0.2, "iterations": 22}),
+     "convexadam", recipe("convexadam_logj")),
 ]
 COLUMNS = ("dice", "dice30", "hd95", "sdlogj", "sdlogj_l2r", "folding")
 

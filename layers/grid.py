@@ -188,7 +188,7 @@ def channels_last(image: torch.Tensor, min_voxels: int = 1 << 15) -> torch.Tenso
     PyTorch's CPU ``grid_sample`` reads all channels of a voxel's 8 neighbours; with the channels adjacent in
     memory the warp alone ran 4-23 % faster (forward, and forward + backward with respect to the grid) on
     12-channel features of 80×96×112 and 64³ voxels, and a whole Adam step 0-8 % faster (two runs of
-    ``benchmarks/warp_layout.md`` at 2 threads, with the warp split over the threads; single runs on this
+    ``benchmarks/results/warp_layout.md`` at 2 threads, with the warp split over the threads; single runs on this
     shared 2-core machine vary by ±15 %). Tiny volumes are left alone. Convert once, before warping the same image
     many times (the conversion is a copy, differentiable).
     """

@@ -4,9 +4,11 @@ ConvexAdam coarse stage, AdamIO initialisation, fit refusal, 2D support and clea
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
@@ -33,6 +35,8 @@ from lightning_modules.baselines.convex import (
 from lightning_modules.baselines.instance_opt import FeatureMSE, ImageLNCC, adam_optimise, apply_increment
 from lightning_modules.baselines.schedules import PRESETS, schedule_values
 from lightning_modules.metrics import pair_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,17 +117,20 @@ def test_schedule_from_config():
 
 
 # ------------------------------------------------------------------------------------------ Dice on 3D pairs
+def _recipe(name: str) -> dict:
+    """The ``init_args`` of ``configs/baselines/<name>.yaml``."""
+    return dict(yaml.safe_load((ROOT / "configs" / "baselines" / f"{name}.yaml").read_text())["init_args"])
+
+
 FAST = {
     "gn": dict(),
     "adam": dict(preset="constant", iterations=60),
     "adam_piecewise": dict(preset="piecewise"),
     "convexadam": dict(grid_sp=4, iterations=40),
-    # the convexadam_lncc.yaml recipe (intensity LNCC, diffeomorphic Adam stage on a stride-4 grid)
-    "convexadam_lncc": dict(grid_sp=4, weight=0.0, lncc_weight=1.0, lncc_radius=3, lncc_stride=2, adam_stride=4,
-                            velocity_steps=5, lam=0.2, iterations=60),
-    # the convexadam_logj.yaml recipe (LNCC r 5, stride-2 SVF with 2 squarings, log-Jacobian term)
-    "convexadam_logj": dict(grid_sp=4, weight=0.0, lncc_weight=1.0, lncc_radius=5, lncc_stride=2, adam_stride=2,
-                            velocity_steps=2, smooth_passes=2, logj_weight=0.35, lam=0.2, iterations=22),
+    # the recipes of configs/baselines (intensity LNCC, diffeomorphic Adam stage; the second with the log-Jacobian
+    # term), with a convex grid small enough for 48³
+    "convexadam_lncc": {**_recipe("convexadam_lncc"), "grid_sp": 4},
+    "convexadam_logj": {**_recipe("convexadam_logj"), "grid_sp": 4},
 }
 
 
