@@ -46,13 +46,27 @@ def geometric_schedule(start: float, end: float, steps: int) -> list[float]:
     return [float(start * (end / start) ** (t / (steps - 1))) for t in range(steps)]
 
 
-def assemble_normal_equations(jac: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``H = Σ_c J_cᵀ J_c`` ``(B, n, n, *G)`` and ``g = Σ_c J_cᵀ f_c`` ``(B, n, *G)`` from
-    ``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)``."""
+def assemble_normal_equations(
+    jac: torch.Tensor, res: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H = Σ_c w_c J_cᵀ J_c`` ``(B, n, n, *G)`` and ``g = Σ_c w_c J_cᵀ f_c`` ``(B, n, *G)`` from
+    ``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)``.
+
+    ``weights`` ``(C,)`` (default all 1) weight each channel's data term ``½ w_c |f_c|²``; they must be >= 0.
+    Both ``H`` and ``g`` are *linear* in ``w_c``, so a channel whose weight starts at 0 still receives a
+    gradient (scaling the channel's features by ``sqrt(w_c)`` would give the same system, but its gradient at
+    0 would vanish).
+    """
     if jac.dim() != res.dim() + 1 or jac.shape[:2] != res.shape[:2] or jac.shape[3:] != res.shape[2:]:
         raise ValueError(f"J {tuple(jac.shape)} and f {tuple(res.shape)} do not match (B, C, n, *G)/(B, C, *G)")
-    hess = torch.einsum("bci...,bcj...->bij...", jac, jac)
-    grad = torch.einsum("bci...,bc...->bi...", jac, res)
+    if weights is not None:
+        if weights.shape != (jac.shape[1],):
+            raise ValueError(f"channel weights must be ({jac.shape[1]},); got {tuple(weights.shape)}")
+        wj = jac * weights.to(jac.dtype).view(1, -1, *([1] * (jac.dim() - 2)))
+    else:
+        wj = jac
+    hess = torch.einsum("bci...,bcj...->bij...", wj, jac)
+    grad = torch.einsum("bci...,bc...->bi...", wj, res)
     return hess, grad
 
 
@@ -81,6 +95,7 @@ def gn_step(
     coupling: str = "full",
     detach_warp: bool = False,
     update: str = "add",
+    channel_weights: torch.Tensor | None = None,
     **solver_kwargs,
 ) -> torch.Tensor:
     """One Gauss-Newton step; returns the updated coarse field.
@@ -98,6 +113,8 @@ def gn_step(
             and the maps are composed, ``u ← α δ + u ∘ (id + α δ)`` via :func:`layers.warp.compose`: each
             step is a small smooth map, so the total field can grow large without folding, like fluid /
             demons-type registration).
+        channel_weights: ``(C,)`` weights ``>= 0`` of the feature channels' data terms (default 1; see
+            :func:`assemble_normal_equations`).
         solver_kwargs: passed to :func:`layers.gn_solve` (``rtol``, ``maxiter``, ``backend``, ...).
     """
     if update not in UPDATES:
@@ -105,7 +122,7 @@ def gn_step(
     shape = fixed.shape[2:]
     warped = warp_image(moving, upsample_field(u.detach() if detach_warp else u, shape, stride))
     jac, res = jf(fixed, warped) if jf is not None else handcrafted_jf(fixed, warped, stride)
-    hess, grad = assemble_normal_equations(jac, res)
+    hess, grad = assemble_normal_equations(jac, res, channel_weights)
     lam_b = lam.reshape(-1, *([1] * (u.dim() - 1))) if torch.is_tensor(lam) else lam
     rhs = -(grad + lam_b * laplacian_apply(u)) if update == "add" else -grad
     delta = gn_solve(hess, rhs, lam, coupling=coupling, **solver_kwargs)
@@ -185,6 +202,7 @@ class GNRegistration(nn.Module):
         lam: torch.Tensor | None = None,
         step: torch.Tensor | None = None,
         return_history: bool = False,
+        channel_weights: torch.Tensor | None = None,
     ) -> GNOutput:
         """Register ``moving`` to ``fixed``.
 
@@ -194,6 +212,8 @@ class GNRegistration(nn.Module):
             lam: λ per iteration overriding the schedule: ``(K,)`` or ``(K, B)`` tensor (differentiable).
             step: α per iteration overriding the schedule: ``(K,)`` or ``(K, B)``.
             return_history: keep the coarse field after each iteration.
+            channel_weights: ``(C,)`` data-term weights of the feature channels (default 1; see
+                :func:`assemble_normal_equations`).
         """
         n = spatial_dims(fixed, "fixed")
         if fixed.shape[0] != moving.shape[0] or fixed.shape[2:] != moving.shape[2:]:
@@ -218,7 +238,7 @@ class GNRegistration(nn.Module):
         for t in range(self.iterations):
             u = gn_step(fixed_p, moving_p, u, lams[t], stride=s, step=steps[t], jf=self.jf,
                         coupling=self.coupling, detach_warp=self.detach_warp, update=self.update,
-                        **self.solver)
+                        channel_weights=channel_weights, **self.solver)
             if return_history:
                 history.append(u)
         padded_shape = fixed_p.shape[2:]

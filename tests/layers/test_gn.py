@@ -161,3 +161,39 @@ def test_compositive_step_from_zero_equals_the_additive_one_and_composes_after()
         gn_step(fixed, moving, zero, 0.05, update="fluid")
     with pytest.raises(ValueError, match="unknown update"):
         GNRegistration(update="fluid")
+
+
+def test_channel_weights_equal_features_scaled_by_their_square_root():
+    """H and g with data-term weights w_c equal those of features scaled by sqrt(w_c) (handcrafted J and f are
+    linear in the features); the whole GN registration agrees too (float64)."""
+    from layers.heads import handcrafted_jf
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(2, 3, 16, 16, 16, generator=g, dtype=torch.float64)
+    moving = torch.rand(2, 3, 16, 16, 16, generator=g, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0, 2.5], dtype=torch.float64)
+    scale = w.sqrt().view(1, -1, 1, 1, 1)
+    jac, res = handcrafted_jf(fixed, moving, 4)
+    hw, gw = assemble_normal_equations(jac, res, w)
+    hs, gs = assemble_normal_equations(*handcrafted_jf(fixed * scale, moving * scale, 4))
+    torch.testing.assert_close(hw, hs)
+    torch.testing.assert_close(gw, gs)
+    reg = GNRegistration(iterations=3, stride=4, lam=(0.3, 0.1), solver={"rtol": 1e-10})
+    torch.testing.assert_close(reg(fixed, moving, channel_weights=w).disp, reg(fixed * scale, moving * scale).disp)
+
+
+def test_a_channel_weight_at_zero_still_gets_a_gradient():
+    g = torch.Generator().manual_seed(1)
+    jac = torch.randn(1, 2, 2, 4, 4, generator=g, dtype=torch.float64)
+    res = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda w: assemble_normal_equations(jac, res, w), (w,))
+    hess, grad = assemble_normal_equations(jac, res, w)
+    (hess.sum() + grad.sum()).backward()
+    assert w.grad[1].abs() > 0
+
+
+def test_channel_weights_of_the_wrong_shape_are_refused():
+    jac, res = torch.zeros(1, 3, 2, 4, 4), torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="channel weights"):
+        assemble_normal_equations(jac, res, torch.ones(2))

@@ -1,0 +1,77 @@
+"""Semantic features: a small U-Net that predicts signed distance maps of the labels from the image.
+
+Handcrafted GN on the signed distance maps of the *true* labels is an oracle (labels are unknown at test
+time) that registers far better than GN on MIND-SSC; as in the LearnGN paper (which uses nnU-Net), a network
+trained on the training subjects' labels can predict such maps from the image alone. The network here is
+MONAI's :class:`~monai.networks.nets.BasicUNet` regressing, for each label ``k``, the signed square-root
+distance map of :func:`layers.features.signed_distance_maps` (``sign(d) sqrt(|d|)``, ``d`` in mm, negative
+inside), so its outputs are directly comparable with the oracle features and its sign is a segmentation.
+
+LearnGN uses these maps as extra GN feature channels (``layers.gn``: channel weights in the normal equations,
+zero-initialised, so the untrained model is still handcrafted GN on MIND-SSC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .features import signed_distance_maps
+from .grid import spatial_dims
+
+__all__ = ["SemanticNet", "semantic_loss", "semantic_targets"]
+
+
+class SemanticNet(nn.Module):
+    """Image ``(B, 1, *S)`` -> predicted signed square-root distance maps ``(B, L, *S)`` (``sqrt(mm)``).
+
+    Args:
+        n: spatial dimensions (2 or 3).
+        labels: ``L``, the number of labels whose maps are predicted.
+        features: the six widths of :class:`~monai.networks.nets.BasicUNet` (four levels down, the last is the
+            output block's width); small by default so that the network trains on a CPU and its checkpoint
+            stays small (about 0.3 M parameters).
+
+    Every axis of ``S`` must be a multiple of 16 (four pooling levels).
+    """
+
+    def __init__(self, n: int, labels: int, features: Sequence[int] = (8, 16, 24, 32, 48, 8)) -> None:
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        if n not in (2, 3):
+            raise ValueError(f"n must be 2 or 3; got {n}")
+        if labels < 1:
+            raise ValueError(f"labels must be >= 1; got {labels}")
+        features = tuple(int(f) for f in features)
+        if len(features) != 6 or min(features) < 1:
+            raise ValueError(f"features must be six positive widths; got {features}")
+        self.n, self.labels = n, int(labels)
+        self.net = BasicUNet(spatial_dims=n, in_channels=1, out_channels=self.labels, features=features,
+                             act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+                             norm=("instance", {"affine": True}))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        n = spatial_dims(image, "image")
+        if n != self.n or image.shape[1] != 1:
+            raise ValueError(f"SemanticNet expects a {self.n}D single-channel image; got {tuple(image.shape)}")
+        if any(int(s) % 16 for s in image.shape[2:]):
+            raise ValueError(f"SemanticNet needs every image axis to be a multiple of 16; got {tuple(image.shape[2:])}")
+        return self.net(image)
+
+
+def semantic_targets(
+    labels: torch.Tensor, label_ids: Sequence[int], spacing: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Training targets of :class:`SemanticNet`: signed square-root distance maps ``(B, L, *S)`` of
+    ``labels`` ``(B, 1, *S)`` (:func:`layers.features.signed_distance_maps`, unit scale; no gradient)."""
+    return signed_distance_maps(labels, list(label_ids), tuple(spacing) if spacing is not None else None)
+
+
+def semantic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Regression loss of predicted against target maps ``(B, L, *S)``: the mean squared error (``mm``)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    return (pred - target.to(pred.dtype)).pow(2).mean()
