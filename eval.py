@@ -6,17 +6,24 @@
         --out runs/brain/convexadam
     python eval.py --compare runs/eval/*          # print a comparison table of finished evaluations
 
-Writes ``summary.json``, ``pairs.csv``, ``summary.md``, ``disp/`` and ``figures/`` under ``--out``. A pair that
-fails is recorded with its error and the run goes on. Evaluation runs through ``Trainer.predict``, so
-``--accelerator gpu --devices N --strategy ddp --num-nodes M`` spread the pairs over several GPUs.
+Writes ``summary.json``, ``pairs.csv``, ``summary.md``, ``disp/`` and ``figures/`` under ``--out`` (refused when
+the folder already holds results, unless ``--overwrite``). A pair that fails anywhere (loading, preprocessing,
+registration, metrics, writing) is recorded with its error in ``pairs.csv`` and the run goes on. Evaluation
+runs through ``Trainer.predict``, so ``--accelerator gpu --devices N --strategy ddp --num-nodes M`` spread the
+pairs over several GPUs. Checkpoints and schedules are read without running code from them
+(:mod:`lightning_modules.checkpoint`).
+
+Exit status: 0 every pair registered; 3 some pairs failed; 4 every pair failed (or there were none); 2 the run
+was refused before any pair ran (bad option, input, checkpoint or output folder; the message says which).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,9 @@ import yaml
 log = logging.getLogger("eval")
 
 METHODS = ("learngn", "gn", "adam", "convexadam", "identity")
+
+#: exit status: every pair registered / some pairs failed / every pair failed (or none) / refused before any ran
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ALL_FAILED, EXIT_REFUSED = 0, 3, 4, 2
 
 
 def _parse_value(text: str) -> Any:
@@ -61,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", type=int, default=3, help="figures for the first N pairs")
     p.add_argument("--half", action="store_true", help="store displacement files in 16 bit")
     p.add_argument("--no-disp", action="store_true", help="do not write displacement files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (summary, pairs.csv, disp/, figures/); "
+                        "without it such a folder is refused")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto")
     p.add_argument("--strategy", default="auto")
@@ -74,22 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_learngn(ckpt: str):
-    """Load a LearnGN-family model from a checkpoint, checking its class (ValueError / FileNotFoundError)."""
+    """Load a LearnGN-family model from a checkpoint without running code from it, checking its class
+    (:func:`lightning_modules.checkpoint.model_from_checkpoint`; ``FileNotFoundError`` / ``CheckpointError``
+    naming the file)."""
+    from lightning_modules.checkpoint import model_from_checkpoint
     from lightning_modules.learngn import LearnGN
 
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt: checkpoint not found: {path}")
-    meta = torch.load(path, map_location="cpu", weights_only=False)
-    qualname = meta.get("model_class") if isinstance(meta, dict) else None
-    if not qualname:
-        raise ValueError(f"--ckpt {path} was not saved by a LearnGN model (no 'model_class' entry)")
-    module_name, _, cls_name = qualname.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    if not (isinstance(cls, type) and issubclass(cls, LearnGN)):
-        raise ValueError(f"--ckpt {path} holds a {qualname}, not a LearnGN model")
-    model = cls.load_from_checkpoint(path, map_location="cpu")
-    return model, meta
+    return model_from_checkpoint(ckpt, base=LearnGN, what="--ckpt",
+                                 expected="a Lightning checkpoint (.ckpt) of a LearnGN model of this project")
+
+
+def read_method_config(path: str) -> dict[str, Any]:
+    """The method arguments of a ``--method-config`` YAML file (its ``init_args`` when present); errors name
+    the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--method-config file not found: {file}")
+    try:
+        cfg = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--method-config {file} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--method-config {file} is not a text file: {exc}") from None
+    cfg = {} if cfg is None else cfg
+    if isinstance(cfg, dict) and "init_args" in cfg:
+        cfg = cfg["init_args"] or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--method-config {file} must hold a mapping of method arguments; got "
+                         f"{type(cfg).__name__}")
+    return cfg
 
 
 def build_method(args: argparse.Namespace, method_args: dict[str, Any]):
@@ -98,7 +124,7 @@ def build_method(args: argparse.Namespace, method_args: dict[str, Any]):
         if not args.ckpt:
             raise SystemExit("error: --method learngn needs --ckpt")
         return load_learngn(args.ckpt)
-    from lightning_modules.baselines import make_baseline
+    from lightning_modules.baselines import BASELINES, make_baseline
 
     if args.schedule:
         if args.method != "adam":
@@ -106,6 +132,12 @@ def build_method(args: argparse.Namespace, method_args: dict[str, Any]):
         from lightning_modules.hyper.schedule import adam_settings
 
         method_args.update(adam_settings(args.schedule))
+    params = inspect.signature(BASELINES[args.method].__init__).parameters
+    unknown = sorted(k for k in method_args if k not in params or k == "self")
+    if unknown:
+        known = ", ".join(k for k in params if k != "self") or "none"
+        raise ValueError(f"--method {args.method} has no option {', '.join(map(repr, unknown))} "
+                         f"(--method-arg / --method-config); its options: {known}")
     return make_baseline(args.method, **method_args), None
 
 
@@ -118,6 +150,8 @@ def build_data(args: argparse.Namespace, meta: dict | None, data_args: dict[str,
     else:
         params["source"] = args.data or "synthetic2d"
     params.update(data_args)
+    if "check_files" not in data_args:  # a missing image fails its own pairs, not the whole run
+        params["check_files"] = False
     params["eval_split"] = args.split
     params.setdefault("eval_batch_size", 1)
     return RegistrationDataModule(**params)
@@ -136,7 +170,23 @@ def compare(dirs: list[str]) -> str:
     return comparison_table(summaries)
 
 
+def _launch_rank_zero() -> bool:
+    """False in the extra processes a distributed launch starts (they must not check or clear ``--out``)."""
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def exit_status(summary: dict[str, Any] | None) -> int:
+    """The exit status of a finished evaluation (see the module docstring)."""
+    if summary is None:
+        return EXIT_OK
+    if summary["n_pairs"] == 0 or summary["n_failed"] >= summary["n_pairs"]:
+        return EXIT_ALL_FAILED
+    return EXIT_SOME_FAILED if summary["n_failed"] else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Run an evaluation (or ``--compare``); returns the summary on rank 0, else None. Errors that refuse the
+    run before any pair is registered are raised (:func:`cli` turns them into a message and exit status 2)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -150,13 +200,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     from lightning.pytorch import Trainer, seed_everything
 
-    from lightning_modules.evaluation import EvaluationWriter
+    from data.io import check_unique_disp_names
+    from lightning_modules.evaluation import EvaluationWriter, prepare_output
 
+    out = Path(args.out)
+    leader = _launch_rank_zero()
+    if leader:  # refuse a folder with results before any work (nothing is touched yet)
+        prepare_output(out, args.overwrite, clear=False)
     seed_everything(args.seed, workers=True, verbose=False)
     method_args = {}
     if args.method_config:
-        cfg = yaml.safe_load(Path(args.method_config).read_text()) or {}
-        method_args.update(cfg.get("init_args", cfg))
+        method_args.update(read_method_config(args.method_config))
     method_args.update(_key_values(args.method_arg, "--method-arg"))
     model, meta = build_method(args, method_args)
     dm = build_data(args, meta, _key_values(args.data_arg, "--data-arg"))
@@ -168,7 +222,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         dm.setup()
         lam = resolve_lambda(model, args.lam, dm.val_dataloader() if args.lam == "auto" else None)
         log.info("using λ = %g", lam)
-    out = Path(args.out)
+    pairs = dm.eval_pairs()
+    if pairs is not None:  # before the first pair: no two pairs may write the same displacement file
+        check_unique_disp_names(pairs)
+    if leader:
+        prepare_output(out, args.overwrite)
     writer = EvaluationWriter(out, args.method, n_figures=args.figures, half=args.half,
                               write_disp=not args.no_disp,
                               note=f"Data: `{dm.source}`, split `{args.split}`.\n")
@@ -187,9 +245,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         from lightning_modules.evaluation import comparison_table
 
         sys.stdout.write(comparison_table([s]))
+        if s["n_failed"]:
+            sys.stderr.write(f"warning: {s['n_failed']} of {s['n_pairs']} pairs failed; their errors are in "
+                             f"{out / 'pairs.csv'} and {out / 'summary.md'}\n")
         return s
     return None
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` as a command: the exit status of :func:`exit_status`, or 2 with a one-line message when
+    the run is refused (a bad option, input file, checkpoint or output folder; ``-v`` shows the traceback)."""
+    verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        return exit_status(main(argv))
+    except SystemExit as exc:  # argparse (status 2) and "error: ..." messages of main
+        if isinstance(exc.code, str):
+            sys.stderr.write(f"eval.py: {exc.code}\n")
+            return EXIT_REFUSED
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        if verbose:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        sys.stderr.write(f"eval.py: error: {type(exc).__name__}: {msg}\n")
+        return EXIT_REFUSED
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

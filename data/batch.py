@@ -26,6 +26,12 @@ A **batch** is the collated dict: tensors gain a leading batch dimension ``B``; 
 NaN to the largest ``K`` of the batch; ``label_ids`` of different lengths are padded with ``-1``; strings
 become lists. Keys that some samples lack are dropped from the batch (see :func:`data.collate.collate_pairs`).
 
+In evaluation (``RegistrationDataModule.predict_dataloader``) a pair that cannot be loaded is a **failed
+sample** ``{"fixed_id", "moving_id", "failed": "<error>"}`` (:mod:`data.guard`); a batch with failed samples
+holds them under ``failed`` (a list of ``{"fixed_id", "moving_id", "error", "position"}``) next to the stacked
+loaded samples, whose positions in the original order are ``positions``. Such a batch may have no images at
+all when every sample failed.
+
 Producers: :class:`data.learn2reg.Learn2RegDataset`, :class:`data.synthetic.SyntheticPairs` (which adds
 ``true_disp`` and body masks) and :class:`data.slices.SliceDataset` (2D slices of either; ids get a ``_sNNN``
 suffix). Sample tensors are fresh copies: modifying them does not touch any cache.
@@ -36,3 +42,5 @@ LABEL_KEYS = ("fixed_label", "moving_label")
 MASK_KEYS = ("fixed_mask", "moving_mask")
 KEYPOINT_KEYS = ("fixed_keypoints", "moving_keypoints")
 ID_KEYS = ("fixed_id", "moving_id")
+#: key of a failed sample (its value: the error message); see :mod:`data.guard`
+FAILED_KEY = "failed"

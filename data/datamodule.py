@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .cache import VolumeCache
 from .collate import collate_pairs
+from .guard import GuardedDataset, collate_guarded, pair_info
 from .learn2reg import Learn2RegDataset
 from .learn2reg_task import Learn2RegTask
 from .samplers import EpochShuffleSampler
@@ -80,6 +81,9 @@ class RegistrationDataModule(LightningDataModule):
         synthetic_cache: keep generated synthetic pairs in memory (later epochs reuse them; the items are the
             same, and must not be modified in place). ``None``: only for splits of at most about 256 MB
             (each worker process and DDP rank keeps its own copy).
+        check_files: Learn2Reg: refuse at setup a JSON that names a missing image (``FileNotFoundError`` with the
+            path and the JSON key). ``eval.py`` sets it to False: a missing image then fails only its own pairs
+            when they load.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class RegistrationDataModule(LightningDataModule):
         synthetic_num_keypoints: int = 64,
         synthetic_spacing: list[float] | None = None,
         synthetic_cache: bool | None = None,
+        check_files: bool = True,
     ) -> None:
         super().__init__()
         if eval_split not in SPLITS:
@@ -157,7 +162,7 @@ class RegistrationDataModule(LightningDataModule):
         if self.is_synthetic:
             raise AttributeError(f"source {self.source!r} is synthetic; it has no Learn2Reg task")
         if self._task is None:
-            self._task = Learn2RegTask(Path(self.source))
+            self._task = Learn2RegTask(Path(self.source), check_files=self.hparams.check_files)
         return self._task
 
     @property
@@ -196,8 +201,9 @@ class RegistrationDataModule(LightningDataModule):
         if source is None or len(source) == 0:
             raise RuntimeError(f"slice_holdout: {self.source} has no evaluation pairs to slice")
         slices = SliceDataset(source, h.slice_axis, h.slice_indices)
-        rule = {"val": lambda i: i % k == 0, "test": lambda i: i % k == k // 2,
-                "train": lambda i: i % k not in (0, k // 2)}
+        # slice -1: a pair that could not be loaded to list its slices; every split keeps it (and fails on it)
+        rule = {"val": lambda i: i < 0 or i % k == 0, "test": lambda i: i < 0 or i % k == k // 2,
+                "train": lambda i: i < 0 or i % k not in (0, k // 2)}
         out: dict[str, Dataset | None] = {
             name: Subset(slices, [j for j, (_, i) in enumerate(slices.index) if keep(i)])
             for name, keep in rule.items()
@@ -297,7 +303,7 @@ class RegistrationDataModule(LightningDataModule):
                 f"no {split!r} split: set hyper_fraction > 0 (Learn2Reg) or num_hyper > 0 (synthetic)"
             )
         if len(ds) == 0:
-            raise RuntimeError(f"the {split!r} split of {self.source} is empty (too few subjects or pairs)")
+            raise RuntimeError(self._empty_split_message(split))
         batch = self.batch_size if split in ("train", "hyper") else self.eval_batch_size
         # an epoch-seeded sampler makes the order a function of (seed, epoch): exact resume
         sampler = EpochShuffleSampler(len(ds), self.seed) if shuffle else None
@@ -309,6 +315,29 @@ class RegistrationDataModule(LightningDataModule):
             collate_fn=collate_pairs,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _empty_split_message(self, split: str) -> str:
+        text = f"the {split!r} split of {self.source} is empty"
+        if self.is_synthetic:
+            return f"{text}: set num_{split} > 0"
+        h, task = self.hparams, self.task
+        subjects = len(task.subjects()) if "training" in task.meta else 0
+        if split in ("val", "test") and "registration_val" not in task.meta:
+            fraction = h.val_fraction if split == "val" else h.test_fraction
+            return (f"{text}: {task.json_path} has no 'registration_val' key (the pairs val and test use when "
+                    f"present), and its {subjects} training subject(s) leave no {split} pairs at "
+                    f"{split}_fraction={fraction}; add 'registration_val' to the JSON or raise {split}_fraction")
+        return f"{text} (too few subjects or pairs: {subjects} training subject(s))"
+
+    def eval_pairs(self) -> list[tuple[str, str, str]] | None:
+        """``(fixed_id, moving_id, source)`` of every pair of ``eval_split`` in order, without loading images
+        (:func:`data.guard.pair_info`); None when the split's dataset cannot tell."""
+        self.setup()
+        ds = self.datasets.get(self.eval_split)
+        if ds is None:
+            return []
+        infos = [pair_info(ds, i) for i in range(len(ds))]
+        return None if any(info is None for info in infos) else infos
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training pairs."""
@@ -327,5 +356,13 @@ class RegistrationDataModule(LightningDataModule):
         return self._loader("hyper", shuffle=True)
 
     def predict_dataloader(self) -> DataLoader:
-        """The ``eval_split`` pairs, in order."""
-        return self._loader(self.eval_split)
+        """The ``eval_split`` pairs, in order, guarded (:mod:`data.guard`): a pair that fails to load is a
+        failed sample in the batch (recorded by the evaluation with its error), not an exception."""
+        loader = self._loader(self.eval_split)
+        return DataLoader(
+            GuardedDataset(loader.dataset),
+            batch_size=loader.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_guarded,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -52,12 +52,18 @@ def normalise_intensity(
         percentiles: ``(low, high)`` percentiles in ``[0, 100]``.
     Returns:
         float32 array of the same shape in ``[0, 1]`` (all zeros for a constant image).
+
+    Raises:
+        ValueError: an unknown mode, or NaN / infinite intensities (refused, not scaled to zeros).
     """
     if mode not in INTENSITY_MODES:
         raise ValueError(f"intensity mode must be one of {INTENSITY_MODES}; got {mode!r}")
     if mode == "auto":
         mode = mode_for_modality(modality)
     x = np.asarray(image, dtype=np.float32)
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:  # one NaN would turn the whole image into zeros (min / max / percentiles are NaN)
+        raise ValueError(f"the image holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or Inf) of {x.size}")
     if mode == "ct":
         lo, hi = float(ct_window[0]), float(ct_window[1])
     elif mode == "mr":

@@ -1,22 +1,100 @@
 """Learn2Reg displacement files: ``disp_<fixed>_<moving>.nii.gz``, shape ``(*S, n)`` channel-last, voxel
-units, on the fixed grid, with the fixed image's affine; written atomically (temporary file, then rename)."""
+units, on the fixed grid, with the fixed image's affine; and the atomic file writing every output uses.
+
+Atomic writes (:func:`atomic_write_bytes`): the content goes to a hidden temporary file in the target folder,
+named ``.<name>.<random>.tmp`` (never ``*.nii.gz``, so no reader globbing for results picks it up), which gets
+the permissions the umask allows (as a plain ``open`` would) and is then renamed over the target. A reader
+never sees a partial file; a temporary left by an interrupted run is removed by
+:func:`remove_stale_temporaries` at the start of the next one.
+"""
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-__all__ = ["disp_filename", "read_displacement", "write_displacement", "write_pair_displacement"]
+__all__ = [
+    "TEMP_SUFFIX",
+    "atomic_write_bytes",
+    "check_unique_disp_names",
+    "disp_filename",
+    "read_displacement",
+    "remove_stale_temporaries",
+    "write_displacement",
+    "write_pair_displacement",
+]
+
+#: suffix of the temporary files of :func:`atomic_write_bytes` (hidden: their names start with ``.``)
+TEMP_SUFFIX = ".tmp"
 
 
 def disp_filename(fixed_id: str, moving_id: str) -> str:
     """``disp_<fixed>_<moving>.nii.gz`` (Learn2Reg naming, e.g. ``disp_0001_0002.nii.gz``)."""
     return f"disp_{fixed_id}_{moving_id}.nii.gz"
+
+
+def check_unique_disp_names(pairs: Sequence[tuple[str, str, str]]) -> None:
+    """Refuse a list of pairs ``(fixed_id, moving_id, source)`` in which two pairs would write the same
+    displacement file (e.g. two images with the same file name in different folders get the same case id, and
+    the second file would overwrite the first): ``ValueError`` naming the file name and the pairs' sources."""
+    seen: dict[str, list[str]] = {}
+    for fixed_id, moving_id, source in pairs:
+        seen.setdefault(disp_filename(fixed_id, moving_id), []).append(source)
+    clashes = {name: sources for name, sources in seen.items() if len(sources) > 1}
+    if clashes:
+        lines = "; ".join(f"{name} <- {' and '.join(src)}" for name, src in list(clashes.items())[:5])
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise ValueError(
+            f"{len(clashes)} displacement file name(s) would be written by more than one pair, so results would "
+            f"overwrite each other: {lines}{more}. Case ids come from the file names "
+            "(<TASK>_<case>_<modality>.nii.gz): give the images distinct names"
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module docstring), creating parent folders; the file
+    gets mode ``0o666 & ~umask``. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_stale_temporaries(folders: Iterable[str | Path]) -> list[Path]:
+    """Delete the temporaries an interrupted :func:`atomic_write_bytes` (or an older version's
+    ``.<name>.<random>.tmp.nii.gz``) left in ``folders`` (not recursive); returns what was removed."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if f.name.startswith(".") and f.is_file() and (
+                    f.name.endswith(TEMP_SUFFIX) or f.name.endswith(".tmp.nii.gz")):
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
 
 
 def write_displacement(
@@ -37,8 +115,8 @@ def write_displacement(
             ``scl_slope`` of ``max|u| / 32767`` (an absolute error below ``max|u| / 65534`` voxels; readers
             that apply the header scaling, as nibabel does, get float values back). Default float32.
     Returns:
-        the written path. The file appears atomically (written to a temporary file in the same folder, then
-        renamed), so a reader never sees a partial file.
+        the written path. The file appears atomically (:func:`atomic_write_bytes`), so a reader never sees a
+        partial file.
     """
     path = Path(path)
     arr = u.detach().cpu().numpy() if isinstance(u, torch.Tensor) else np.asarray(u)
@@ -66,16 +144,10 @@ def write_displacement(
     else:
         img = nib.Nifti1Image(data, aff)
     img.header.set_xyzt_units("mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.nii.gz")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):  # gzip as nibabel does (level 1), with no time stamp: identical runs, identical files
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    return atomic_write_bytes(path, data)
 
 
 def write_pair_displacement(

@@ -104,6 +104,12 @@ class Learn2RegDataset(Dataset):
     def __repr__(self) -> str:
         return f"Learn2RegDataset({self.task.name!r}, pairs={len(self.pairs)}, ndim={self.task.ndim})"
 
+    def pair_info(self, index: int) -> tuple[str, str, str]:
+        """``(fixed_id, moving_id, source)`` of pair ``index`` without loading it (``source``: the JSON key and
+        the two files)."""
+        pair = self.pairs[index]
+        return pair.fixed.case, pair.moving.case, f"{pair.key} ({pair.fixed.path} <- {pair.moving.path})"
+
     # ------------------------------------------------------------------ loading
     def _header(self, path: Path) -> tuple[tuple[int, ...], np.ndarray]:
         if path not in self._headers:

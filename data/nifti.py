@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["NiftiData", "load_nifti", "read_header"]
+__all__ = ["NiftiData", "check_finite", "load_nifti", "read_header"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def load_nifti(path: str | Path, ndim: int = 3) -> NiftiData:
 
     Trailing axes of size 1 beyond ``ndim`` are squeezed (``(D, H, W, 1)`` is read as ``(D, H, W)``); any
     other dimensionality (e.g. a 4D series where a 3D volume is expected) raises ``ValueError`` naming the
-    file. A missing file raises ``FileNotFoundError`` with the path.
+    file, and so do unreadable voxels (a truncated ``.nii.gz``) and NaN / infinite voxels
+    (:func:`check_finite`). A missing file raises ``FileNotFoundError`` with the path.
 
     Args:
         path: the ``.nii`` / ``.nii.gz`` file.
@@ -52,15 +53,33 @@ def load_nifti(path: str | Path, ndim: int = 3) -> NiftiData:
     """
     path = Path(path)
     shape, spacing = read_header(path, ndim)
-    img = nib.load(str(path))
-    if img.dataobj.slope not in (None, 1.0) or img.dataobj.inter not in (None, 0.0):
-        array = np.asarray(img.get_fdata(dtype=np.float32))
-    else:
-        array = np.asanyarray(img.dataobj)
-    array = np.asarray(array).reshape(shape)
+    try:
+        img = nib.load(str(path))
+        if img.dataobj.slope not in (None, 1.0) or img.dataobj.inter not in (None, 0.0):
+            array = np.asarray(img.get_fdata(dtype=np.float32))
+        else:
+            array = np.asanyarray(img.dataobj)
+        array = np.asarray(array).reshape(shape)
+    except Exception as exc:  # truncated .gz (EOFError), short files, bad compression, ...
+        raise ValueError(
+            f"cannot read the voxels of NIfTI file {path} (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
+    check_finite(array, path)
     affine = np.asarray(img.affine, dtype=np.float64)
     log.debug("loaded %s shape=%s spacing=%s dtype=%s", path, shape, spacing.tolist(), array.dtype)
     return NiftiData(array=array, spacing=spacing, affine=affine, path=path)
+
+
+def check_finite(array: np.ndarray, path: str | Path) -> None:
+    """Refuse an array with NaN or infinite values (``ValueError`` naming ``path`` and the count): a single one
+    would otherwise spoil intensity scaling, features and metrics of the whole image without a word."""
+    if np.issubdtype(array.dtype, np.inexact):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(
+                f"NIfTI file {path} holds {bad} non-finite voxel{'s' if bad > 1 else ''} (NaN or Inf) of "
+                f"{array.size}; fix or replace them before registration"
+            )
 
 
 def read_header(path: str | Path, ndim: int = 3) -> tuple[tuple[int, ...], np.ndarray]:
@@ -74,11 +93,14 @@ def read_header(path: str | Path, ndim: int = 3) -> tuple[tuple[int, ...], np.nd
     try:
         img = nib.load(str(path))
     except Exception as exc:
-        raise ValueError(f"cannot read NIfTI file {path}: {exc}") from exc
+        raise ValueError(f"cannot read NIfTI file {path} (truncated, corrupt or not NIfTI?): {exc}") from exc
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > ndim and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != ndim:
         raise ValueError(f"{path}: expected a {ndim}D volume but the file holds shape {tuple(img.shape)}")
     zooms = list(img.header.get_zooms()[:ndim]) + [1.0] * max(0, ndim - len(img.header.get_zooms()))
-    return shape, np.asarray([float(z) if z else 1.0 for z in zooms], dtype=np.float64)
+    spacing = np.asarray([float(z) if z else 1.0 for z in zooms], dtype=np.float64)
+    if not np.isfinite(spacing).all():
+        raise ValueError(f"{path}: the header's voxel spacing (pixdim) is not finite: {spacing.tolist()}")
+    return shape, spacing

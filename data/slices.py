@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from .batch import KEYPOINT_KEYS
 
-__all__ = ["SliceDataset", "foreground_slices", "slice_sample"]
+__all__ = ["SliceDataset", "foreground_slices", "slice_id", "slice_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,12 @@ def _slice_affine(affine: torch.Tensor, axis: int, index: int) -> torch.Tensor:
     out[:, :3] = affine[:, cols]
     out[:3, 3] = affine[:3, 3] + index * affine[:3, axis]
     return out
+
+
+def slice_id(case_id: str, index: int) -> str:
+    """The id of slice ``index`` of a case: ``<case_id>_s<index>`` (3 digits); slice ``-1`` (``_s-01``) stands
+    for a pair whose slices could not be listed (see :class:`SliceDataset`)."""
+    return f"{case_id}_s{index:03d}"
 
 
 def slice_sample(sample: dict, axis: int, index: int) -> dict:
@@ -55,7 +61,7 @@ def slice_sample(sample: dict, axis: int, index: int) -> dict:
         elif key in ("spacing", "moving_spacing"):
             out[key] = value[keep].clone()
         elif key in ("fixed_id", "moving_id"):
-            out[key] = f"{value}_s{index:03d}"
+            out[key] = slice_id(value, index)
         elif key == "affine":
             out[key] = _slice_affine(value, axis, index)
         elif key not in KEYPOINT_KEYS:
@@ -90,7 +96,9 @@ class SliceDataset(Dataset):
             label (:func:`foreground_slices`; this scans each base pair once, on first use).
         min_foreground: foreground voxels a slice needs in ``indices=None`` mode.
 
-    The last base sample is kept so consecutive slices of one pair load it once.
+    The last base sample is kept so consecutive slices of one pair load it once. With ``indices=None``, a pair
+    that fails to load while its slices are listed stays in the index as one item with slice ``-1``, whose
+    loading raises that pair's error again (so a guarded evaluation records it, :mod:`data.guard`).
     """
 
     def __init__(
@@ -119,7 +127,12 @@ class SliceDataset(Dataset):
             else:
                 self._index = []
                 for i in range(len(self.base)):
-                    found = foreground_slices(self._base_item(i), self.axis, self.min_foreground)
+                    try:
+                        found = foreground_slices(self._base_item(i), self.axis, self.min_foreground)
+                    except Exception as exc:
+                        log.warning("pair %d cannot be loaded to list its slices: %s", i, exc)
+                        self._index.append((i, -1))
+                        continue
                     if not found:
                         log.warning("pair %d has no foreground slice along axis %d; skipped", i, self.axis)
                     self._index += [(i, s) for s in found]
@@ -130,4 +143,14 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, j: int) -> dict:
         i, s = self.index[j]
-        return slice_sample(self._base_item(i), self.axis, s)
+        return slice_sample(self._base_item(i), self.axis, s)  # s = -1: loading the pair raises its error
+
+    def pair_info(self, j: int) -> tuple[str, str, str] | None:
+        """``(fixed_id, moving_id, source)`` of item ``j`` (see :func:`data.guard.pair_info`)."""
+        from .guard import pair_info
+
+        i, s = self.index[j]
+        info = pair_info(self.base, i)
+        if info is None:
+            return None
+        return slice_id(info[0], s), slice_id(info[1], s), f"{info[2]}, slice {s} along axis {self.axis}"

@@ -91,6 +91,11 @@ def _intensity_maps(num_labels: int, g: torch.Generator) -> tuple[torch.Tensor, 
     return fixed_means, moving_means
 
 
+def synthetic_ids(pair_id: str) -> tuple[str, str]:
+    """``(fixed_id, moving_id)`` of the synthetic pair ``pair_id``: ``"<pair_id>_fix"``, ``"<pair_id>_mov"``."""
+    return f"{pair_id}_fix", f"{pair_id}_mov"
+
+
 def make_synthetic_pair(config: SyntheticConfig, generator: torch.Generator, pair_id: str = "0000") -> dict:
     """One synthetic pair as a sample dict of :mod:`data.batch` (``n = len(config.shape)``).
 
@@ -141,8 +146,8 @@ def make_synthetic_pair(config: SyntheticConfig, generator: torch.Generator, pai
         "true_disp": u[0].float(),
         "spacing": spacing,
         "moving_spacing": spacing.clone(),
-        "fixed_id": f"{pair_id}_fix",
-        "moving_id": f"{pair_id}_mov",
+        "fixed_id": synthetic_ids(pair_id)[0],
+        "moving_id": synthetic_ids(pair_id)[1],
         "affine": affine,
         "label_ids": torch.arange(1, num_labels, dtype=torch.int64),
     }
@@ -223,6 +228,15 @@ class SyntheticPairs(Dataset):
             return dict(self._cache[index])
         return self._generate(index)
 
+    def _pair_id(self, index: int) -> str:
+        return f"s{self.stream}_{index:04d}"
+
+    def pair_info(self, index: int) -> tuple[str, str, str]:
+        """``(fixed_id, moving_id, source)`` of pair ``index`` without generating it."""
+        pid = self._pair_id(index)
+        fixed_id, moving_id = synthetic_ids(pid)
+        return fixed_id, moving_id, f"synthetic pair {index} (seed {self.seed}, stream {self.stream})"
+
     def _generate(self, index: int) -> dict:
         g = generator_for(self.seed, self.stream, index)
-        return make_synthetic_pair(self.config, g, pair_id=f"s{self.stream}_{index:04d}")
+        return make_synthetic_pair(self.config, g, pair_id=self._pair_id(index))

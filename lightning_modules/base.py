@@ -11,8 +11,11 @@ a pair that fails is recorded with its error instead of stopping the run).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,7 +27,42 @@ from .metrics import METRIC_NAMES, pair_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluationOnlyError", "RegistrationModule"]
+__all__ = ["EvaluationOnlyError", "RegistrationModule", "check_number", "check_numbers"]
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, strict: bool = False,
+                 integer: bool = False) -> Any:
+    """Validate the numeric option ``name`` at construction and return it as ``int`` / ``float``.
+
+    ``value`` must be a finite real number (a numeric string such as ``"1e-3"``, which YAML reads as text, is
+    accepted), an integer when ``integer``, and ``> low`` (``strict``) or ``>= low``; otherwise ``ValueError``
+    names the option, the rule and the value given.
+    """
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, str):
+        try:
+            value = float(value) if not integer else int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be {kind}; got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {kind}; got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite; got {value!r}")
+    if integer and float(value) != int(value):
+        raise ValueError(f"{name} must be an integer; got {value!r}")
+    if low is not None and (float(value) < low or (strict and float(value) <= low)):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}; got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_numbers(name: str, values: Any, *, low: float | None = None, strict: bool = False) -> list[float]:
+    """:func:`check_number` for a number or a non-empty sequence of numbers (``name[i]`` in messages)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)):
+        return [check_number(name, values, low=low, strict=strict)]
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    return [check_number(f"{name}[{i}]", v, low=low, strict=strict) for i, v in enumerate(values)]
 
 
 class EvaluationOnlyError(RuntimeError):
@@ -108,16 +146,30 @@ class RegistrationModule(LightningModule):
 
         ``fixed``, ``moving`` (ids), ``status`` (``"ok"`` / ``"failed"``), ``error`` (``""`` or the message),
         ``seconds`` (registration only, divided evenly over the batch), ``initial`` and ``metrics``
-        (``{name: float}``, before and after), ``disp`` (``(n, *S)`` float32 CPU tensor, or None on failure).
+        (``{name: float}``, before and after), ``disp`` (``(n, *S)`` float32 CPU tensor, or None on failure),
+        ``position`` (the pair's position in the batch as loaded).
+
+        Every step is guarded per pair: a pair that failed to load (``batch["failed"]``, :mod:`data.guard`)
+        is recorded as failed with its error, and an error in the initial metrics, the registration, a
+        non-finite field or the metrics after it fails the pairs of this batch with that error; nothing is
+        raised. The records of the stacked pairs come first, in batch order (record ``i`` is
+        ``batch["fixed"][i]``), then those of the pairs that failed to load.
         """
-        fixed_ids = list(batch.get("fixed_id", [str(i) for i in range(batch["fixed"].shape[0])]))
-        moving_ids = list(batch.get("moving_id", [str(i) for i in range(batch["fixed"].shape[0])]))
+        failed = [self._failed_record(f["fixed_id"], f["moving_id"], f["error"], position=f["position"])
+                  for f in batch.get("failed", [])]
+        if "fixed" not in batch:  # every pair of the batch failed to load
+            return failed
         bsz = batch["fixed"].shape[0]
-        n = batch["fixed"].dim() - 2
-        zero = batch["fixed"].new_zeros(bsz, n, *batch["fixed"].shape[2:])
-        initial = pair_metrics(batch, zero)
-        records = []
+        fixed_ids = [str(v) for v in batch.get("fixed_id", [str(i) for i in range(bsz)])]
+        moving_ids = [str(v) for v in batch.get("moving_id", [str(i) for i in range(bsz)])]
+        positions = list(batch.get("positions", range(bsz)))
+        initial: dict[str, torch.Tensor] = {}
+        stage = "initial metrics"
         try:
+            n = batch["fixed"].dim() - 2
+            zero = batch["fixed"].new_zeros(bsz, n, *batch["fixed"].shape[2:])
+            initial = pair_metrics(batch, zero)
+            stage = "registration"
             if batch["fixed"].is_cuda:
                 torch.cuda.synchronize(batch["fixed"].device)
             start = time.perf_counter()
@@ -127,18 +179,19 @@ class RegistrationModule(LightningModule):
             seconds = (time.perf_counter() - start) / bsz
             if not torch.isfinite(u).all():
                 raise FloatingPointError("the displacement field has non-finite values")
+            stage = "metrics"
             after = pair_metrics(batch, u)
         except Exception as exc:  # a failing pair is recorded, not fatal
-            log.warning("registration failed for %s: %s", list(zip(fixed_ids, moving_ids)), exc)
-            err = f"{type(exc).__name__}: {exc}"
+            log.warning("%s failed for %s: %s", stage, list(zip(fixed_ids, moving_ids)), exc)
+            err = f"{stage}: {type(exc).__name__}: {exc}"
             log.debug(traceback.format_exc())
+            records = []
             for i in range(bsz):
-                records.append({
-                    "fixed": fixed_ids[i], "moving": moving_ids[i], "status": "failed", "error": err,
-                    "seconds": float("nan"), "initial": {k: float(v[i]) for k, v in initial.items()},
-                    "metrics": {}, "disp": None,
-                })
-            return records
+                rec = self._failed_record(fixed_ids[i], moving_ids[i], err, position=positions[i])
+                rec["initial"] = {k: float(v[i]) for k, v in initial.items()}
+                records.append(rec)
+            return records + failed
+        records = []
         for i in range(bsz):
             records.append({
                 "fixed": fixed_ids[i], "moving": moving_ids[i], "status": "ok", "error": "",
@@ -146,5 +199,11 @@ class RegistrationModule(LightningModule):
                 "initial": {k: float(v[i]) for k, v in initial.items()},
                 "metrics": {k: float(v[i]) for k, v in after.items()},
                 "disp": u[i].detach().float().cpu(),
+                "position": positions[i],
             })
-        return records
+        return records + failed
+
+    @staticmethod
+    def _failed_record(fixed_id: str, moving_id: str, error: str, position: int | None = None) -> dict[str, Any]:
+        return {"fixed": str(fixed_id), "moving": str(moving_id), "status": "failed", "error": str(error),
+                "seconds": float("nan"), "initial": {}, "metrics": {}, "disp": None, "position": position}

@@ -9,9 +9,13 @@ Output contract (other tools read it):
 * ``<out>/summary.md``: the same as a table;
 * ``<out>/disp/disp_<fixed>_<moving>.nii.gz``; ``<out>/figures/*.png``.
 
-Every file is written when complete (temporary file, then rename). Under DDP each rank writes its pairs'
-rows to ``<out>/.parts/rank<r>.json``; rank 0 merges them (dropping the duplicates a distributed sampler
-pads with) after a barrier.
+Every file is written when complete (:func:`data.io.atomic_write_bytes`: a hidden ``*.tmp`` temporary, then a
+rename; the permissions the umask allows). Under DDP each rank writes its pairs' rows to
+``<out>/.parts/rank<r>.json``; rank 0 merges them (dropping the duplicates a distributed sampler pads with)
+after a barrier.
+
+An output folder that already holds results is refused unless the run may overwrite them, in which case they
+are cleared first (:func:`prepare_output`), so no stale displacement file or figure stays beside a new table.
 """
 
 from __future__ import annotations
@@ -21,32 +25,86 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from data.io import write_pair_displacement
+from data.io import atomic_write_bytes, remove_stale_temporaries, write_pair_displacement
 
 from .figures import pair_figure
 from .metrics import METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUMMARY_METRICS", "EvaluationWriter", "comparison_table", "summarise", "write_outputs"]
+__all__ = [
+    "RESULT_FILES",
+    "SUMMARY_METRICS",
+    "EvaluationWriter",
+    "comparison_table",
+    "existing_results",
+    "prepare_output",
+    "summarise",
+    "write_outputs",
+]
 
 SUMMARY_METRICS: tuple[str, ...] = (*METRIC_NAMES, "seconds")
 
+#: the files of an evaluation directly under ``<out>``
+RESULT_FILES: tuple[str, ...] = ("summary.json", "pairs.csv", "summary.md")
+
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def existing_results(out: str | Path) -> list[Path]:
+    """The results of an earlier evaluation in ``out``: :data:`RESULT_FILES`, ``disp/disp_*.nii.gz``,
+    ``figures/*.png`` and ``.parts/`` (other files are not results of this project and are left alone)."""
+    out = Path(out)
+    found = [out / name for name in RESULT_FILES if (out / name).exists()]
+    for sub, pattern in (("disp", "disp_*.nii.gz"), ("figures", "*.png")):
+        if (out / sub).is_dir():
+            found += sorted(p for p in (out / sub).glob(pattern) if not p.name.endswith(".tmp.png"))
+    if (out / ".parts").exists():
+        found.append(out / ".parts")
+    return found
+
+
+def prepare_output(out: str | Path, overwrite: bool = False, *, clear: bool = True) -> list[Path]:
+    """Make ``out`` ready for a new evaluation and return the results of an earlier one that it held.
+
+    Temporary files an interrupted run left (``.*.tmp``) are removed. If ``out`` holds results
+    (:func:`existing_results`) and ``overwrite`` is False, ``FileExistsError`` names them and nothing is
+    touched; with ``overwrite`` (and ``clear``) they are deleted, so the new run leaves no stale displacement
+    file or figure beside its table. ``clear=False`` only checks.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    old = existing_results(out)
+    if old and not overwrite:
+        shown = ", ".join(str(p.relative_to(out)) for p in old[:4]) + (f" and {len(old) - 4} more" if len(old) > 4
+                                                                       else "")
+        raise FileExistsError(
+            f"--out {out} already holds evaluation results ({shown}); pass --overwrite to replace them, or "
+            "choose another folder"
+        )
+    if clear:
+        remove_stale_temporaries([out, out / "disp", out / "figures", out / ".parts"])
+        if (out / "figures").is_dir():  # the figure writer's own temporaries (figures.pair_figure)
+            for p in (out / "figures").glob("*.tmp.png"):
+                p.unlink(missing_ok=True)
+        for p in old:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        if old:
+            log.info("removed %d result files of an earlier run from %s", len(old), out)
+    return old
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -139,16 +197,17 @@ class EvaluationWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
-        indices = list(batch_indices) if batch_indices is not None else [None] * len(prediction)
-        for i, rec in enumerate(prediction):
+        indices = list(batch_indices) if batch_indices is not None else []
+        for i, rec in enumerate(prediction):  # the stacked pairs' records come first: record i is batch item i
             disp = rec.pop("disp", None)
+            position = rec.pop("position", None)
             if rec["status"] == "ok" and disp is not None:
                 try:
                     if self.write_disp:
                         affine = batch["affine"][i] if "affine" in batch else None
                         write_pair_displacement(self.out / "disp", disp, rec["fixed"], rec["moving"], affine,
                                                 half=self.half)
-                    idx = indices[i]
+                    idx = indices[position] if position is not None and position < len(indices) else None
                     if idx is not None and idx < self.n_figures:
                         pair_figure(
                             batch["fixed"][i].cpu(), batch["moving"][i].cpu(), disp,

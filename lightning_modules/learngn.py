@@ -19,6 +19,7 @@ from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
 
 from .base import RegistrationModule
+from .checkpoint import CheckpointError, load_checkpoint, require_state_dict
 from .features import FEATURE_KINDS, batch_features
 from .losses import keypoint_loss, label_loss, mind_loss, regularity_loss
 
@@ -44,29 +45,30 @@ def load_weights(module: torch.nn.Module, path: str | Path, expected_class: type
     encoder-less model with an encoder added): they keep their initialisation, which leaves the model's output
     unchanged.
 
-    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` when it is not a checkpoint
-    of ``expected_class`` (recorded under ``"model_class"`` when the checkpoint was saved).
+    The file is read by :func:`lightning_modules.checkpoint.load_checkpoint` (no code runs from it).
+
+    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError``
+    (:class:`~lightning_modules.checkpoint.CheckpointError`, naming the file) when it is unreadable, refused, or
+    not a checkpoint of ``expected_class`` (recorded under ``"model_class"`` when the checkpoint was saved).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    expected = f"a Lightning checkpoint of {_qualname(expected_class)}"
+    ckpt = require_state_dict(load_checkpoint(path, what="init_from", expected=expected), path,
+                              what="init_from", expected=expected)
     saved = ckpt.get("model_class")
     if saved is not None and saved != _qualname(expected_class):
-        raise ValueError(f"checkpoint {path} belongs to {saved}, not {_qualname(expected_class)}")
+        raise CheckpointError(f"init_from {path} belongs to {saved}, not {_qualname(expected_class)}")
     try:
         missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"checkpoint {path} does not match {_qualname(expected_class)}: {exc}") from exc
+        raise CheckpointError(f"init_from {path} does not match {_qualname(expected_class)}: {exc}") from exc
     fresh = [k for k in missing if k.startswith(_FRESH_PREFIXES)]
     if fresh:
         log.info("%s has no weights for %s: they keep their (identity) initialisation", path, fresh)
     missing = [k for k in missing if not k.startswith(_FRESH_PREFIXES)]
     if unexpected or missing:
-        raise ValueError(
-            f"checkpoint {path} does not match {_qualname(expected_class)}: missing keys {missing}, "
+        raise CheckpointError(
+            f"init_from {path} does not match {_qualname(expected_class)}: missing keys {missing}, "
             f"unexpected keys {unexpected}"
         )
     return ckpt

@@ -11,7 +11,7 @@ import torch
 
 from layers.features import mind_ssc
 
-from .common import BaselineModule, check_pair
+from .common import BaselineModule, check_number, check_pair
 from .instance_opt import refine_field
 from .schedules import Schedule, make_schedule, resolve_preset
 
@@ -54,7 +54,10 @@ class AdamIO(BaselineModule):
             the field on the optimisation grid; 0: none, the published recipe).
 
     Raises:
-        ValueError: an unknown preset, a bad schedule or non-positive sizes.
+        ValueError: an unknown preset, a bad schedule, or a numeric option out of range (named in the message:
+            ``iterations >= 0`` (0: the initial field is returned), ``lam, weight, logj_weight >= 0`` (λ 0: no
+            diffusion term), ``stride, mind_dilation >= 1``, ``smooth_passes, mind_radius >= 0``,
+            ``step_unit > 0``).
     """
 
     evaluation_only = True
@@ -83,23 +86,21 @@ class AdamIO(BaselineModule):
         if schedule is not None:
             self.schedule = make_schedule(schedule)
         elif lr is not None:
-            self.schedule = make_schedule(float(lr))
+            self.schedule = make_schedule(check_number("lr", lr, low=0))
         else:
             self.schedule = chosen.schedule
-        self.iterations = int(chosen.iterations if iterations is None else iterations)
-        self.step_unit = float(chosen.step_unit if step_unit is None else step_unit)
-        if self.iterations < 0:
-            raise ValueError(f"iterations must be >= 0; got {iterations}")
-        if stride < 1 or smooth_passes < 0 or lam < 0 or not logj_weight >= 0:
-            raise ValueError(
-                f"need stride >= 1, smooth_passes >= 0, lam >= 0, logj_weight >= 0; got {stride}, "
-                f"{smooth_passes}, {lam}, {logj_weight}"
-            )
-        self.preset, self.lam, self.stride = preset, float(lam), int(stride)
-        self.smooth_passes, self.weight = int(smooth_passes), float(weight)
-        self.mind_radius, self.mind_dilation = int(mind_radius), int(mind_dilation)
+        self.iterations = check_number("iterations", chosen.iterations if iterations is None else iterations,
+                                       low=0, integer=True)
+        self.step_unit = check_number("step_unit", chosen.step_unit if step_unit is None else step_unit, low=0,
+                                      strict=True)
+        self.preset, self.lam = preset, check_number("lam", lam, low=0)
+        self.stride = check_number("stride", stride, low=1, integer=True)
+        self.smooth_passes = check_number("smooth_passes", smooth_passes, low=0, integer=True)
+        self.weight = check_number("weight", weight, low=0)
+        self.mind_radius = check_number("mind_radius", mind_radius, low=0, integer=True)
+        self.mind_dilation = check_number("mind_dilation", mind_dilation, low=1, integer=True)
         self.init_fn = init
-        self.logj_weight = float(logj_weight)
+        self.logj_weight = check_number("logj_weight", logj_weight, low=0)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """MIND-SSC of ``(B, 1, *S)`` -> ``(B, 12 | 4, *S)`` (full resolution, no gradient)."""

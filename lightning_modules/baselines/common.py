@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from ..base import RegistrationModule
+from ..base import RegistrationModule, check_number, check_numbers
 
-__all__ = ["BaselineModule", "check_pair", "grad_ready"]
+__all__ = ["BaselineModule", "check_number", "check_numbers", "check_pair", "grad_ready"]
 
 
 class BaselineModule(RegistrationModule):

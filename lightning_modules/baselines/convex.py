@@ -25,7 +25,7 @@ from layers.features import box_filter, mind_ssc
 from layers.grid import pool_to_grid, spatial_dims, upsample_field
 from layers.warp import warp_image
 
-from .common import BaselineModule, check_pair
+from .common import BaselineModule, check_number, check_numbers, check_pair
 from .instance_opt import ImageLNCC, refine_field
 from .schedules import make_schedule
 
@@ -214,7 +214,11 @@ class ConvexAdam(BaselineModule):
             (:func:`layers.diff.log_jacobian_energy` on its grid; 0: none, published).
 
     Raises:
-        ValueError: at registration, when ``2 disp_hw + 1`` exceeds the coarse grid along some axis.
+        ValueError: at construction, a numeric option out of range (named in the message: ``grid_sp,
+            adam_stride, mind_dilation, lncc_radius, lncc_stride >= 1``; ``disp_hw, ic_iterations, iterations,
+            smooth_passes, mind_radius, velocity_steps >= 0``; ``lam, lr, weight, thetas, lncc_weight,
+            logj_weight >= 0``, λ 0 meaning no diffusion term) or ``lncc_stride`` not dividing ``adam_stride``;
+            at registration, when ``2 disp_hw + 1`` exceeds the coarse grid along some axis.
     """
 
     evaluation_only = True
@@ -243,30 +247,27 @@ class ConvexAdam(BaselineModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if not logj_weight >= 0:
-            raise ValueError(f"logj_weight must be >= 0; got {logj_weight}")
-        if lncc_weight < 0 or velocity_steps < 0 or (lncc_weight > 0 and (
-                lncc_radius < 1 or lncc_stride < 1 or adam_stride % lncc_stride)):
-            raise ValueError(
-                "need lncc_weight >= 0, velocity_steps >= 0 and, with LNCC, lncc_radius >= 1 and lncc_stride "
-                f"dividing adam_stride; got lncc_weight={lncc_weight}, velocity_steps={velocity_steps}, "
-                f"lncc_radius={lncc_radius}, lncc_stride={lncc_stride}, adam_stride={adam_stride}"
-            )
-        if grid_sp < 1 or disp_hw < 0 or iterations < 0 or ic_iterations < 0 or adam_stride < 1:
-            raise ValueError(
-                "need grid_sp >= 1, disp_hw >= 0, iterations >= 0, ic_iterations >= 0, adam_stride >= 1; "
-                f"got {grid_sp}, {disp_hw}, {iterations}, {ic_iterations}, {adam_stride}"
-            )
-        self.grid_sp, self.disp_hw = int(grid_sp), int(disp_hw)
-        self.use_ic, self.ic_iterations = bool(inverse_consistency), int(ic_iterations)
-        self.thetas = tuple(float(t) for t in thetas)
-        self.lam, self.iterations, self.schedule = float(lam), int(iterations), make_schedule(lr)
-        self.adam_stride, self.smooth_passes = int(adam_stride), int(smooth_passes)
-        self.weight = float(weight)
-        self.mind_radius, self.mind_dilation = int(mind_radius), int(mind_dilation)
-        self.lncc_weight, self.lncc_radius = float(lncc_weight), int(lncc_radius)
-        self.lncc_stride, self.velocity_steps = int(lncc_stride), int(velocity_steps)
-        self.logj_weight = float(logj_weight)
+        num = check_number
+        self.grid_sp, self.disp_hw = num("grid_sp", grid_sp, low=1, integer=True), num("disp_hw", disp_hw, low=0,
+                                                                                         integer=True)
+        self.use_ic = bool(inverse_consistency)
+        self.ic_iterations = num("ic_iterations", ic_iterations, low=0, integer=True)
+        self.thetas = tuple(check_numbers("thetas", thetas, low=0)) if len(thetas) else ()
+        self.lam, self.iterations = num("lam", lam, low=0), num("iterations", iterations, low=0, integer=True)
+        self.schedule = make_schedule(num("lr", lr, low=0) if isinstance(lr, (int, float)) else lr)
+        self.adam_stride = num("adam_stride", adam_stride, low=1, integer=True)
+        self.smooth_passes = num("smooth_passes", smooth_passes, low=0, integer=True)
+        self.weight = num("weight", weight, low=0)
+        self.mind_radius = num("mind_radius", mind_radius, low=0, integer=True)
+        self.mind_dilation = num("mind_dilation", mind_dilation, low=1, integer=True)
+        self.lncc_weight = num("lncc_weight", lncc_weight, low=0)
+        self.lncc_radius = num("lncc_radius", lncc_radius, low=1, integer=True)
+        self.lncc_stride = num("lncc_stride", lncc_stride, low=1, integer=True)
+        self.velocity_steps = num("velocity_steps", velocity_steps, low=0, integer=True)
+        self.logj_weight = num("logj_weight", logj_weight, low=0)
+        if self.lncc_weight > 0 and self.adam_stride % self.lncc_stride:
+            raise ValueError(f"lncc_stride must divide adam_stride; got lncc_stride={lncc_stride}, "
+                             f"adam_stride={adam_stride}")
 
     def coarse_field(self, fixed_feat: torch.Tensor, moving_feat: torch.Tensor) -> torch.Tensor:
         """The convex stage on full-resolution features ``(B, C, *S)``.

@@ -13,7 +13,7 @@ from layers.gn import GNRegistration
 from layers.grid import pool_to_grid, upsample_field
 
 from ..features import FEATURE_KINDS, batch_features
-from .common import BaselineModule, check_pair
+from .common import BaselineModule, check_number, check_numbers, check_pair
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class HandcraftedGN(BaselineModule):
         features: ``"mind"``, ``"sdm"`` or ``"intensity"``.
         iterations: GN steps K.
         stride: node spacing of the GN grid in full-resolution voxels (a multiple of ``feature_stride``).
-        lam: ``(start, end)`` geometric λ schedule, or K values.
-        step: step size α (float or K values).
+        lam: ``(start, end)`` geometric λ schedule, K values, or one number (a constant λ); every value > 0.
+        step: step size α > 0 (float or K values).
         coupling: ``"full"`` or ``"diagonal"``.
         feature_scale: factor applied to the features (e.g. 20 for distance maps).
         feature_stride: average the features over ``feature_stride^n`` blocks first (1: full resolution).
@@ -60,7 +60,9 @@ class HandcraftedGN(BaselineModule):
             (``configs/baselines/gn_compose.yaml``, ``benchmarks/results/baselines.md``).
 
     Raises:
-        ValueError: unknown features, coupling or update, or ``stride`` not a multiple of ``feature_stride``.
+        ValueError: unknown features, coupling or update, ``stride`` not a multiple of ``feature_stride``, or a
+            numeric option out of range (named in the message: ``iterations >= 1``, ``lam > 0``, ``step > 0``,
+            ``stride, feature_stride, mind_dilation >= 1``, ``mind_radius >= 0``, ``feature_scale > 0``).
     """
 
     evaluation_only = True
@@ -85,7 +87,18 @@ class HandcraftedGN(BaselineModule):
         self.save_hyperparameters()
         if features not in FEATURE_KINDS:
             raise ValueError(f"unknown features {features!r}; known: {', '.join(FEATURE_KINDS)}")
-        if feature_stride < 1 or stride < 1 or stride % feature_stride:
+        iterations = check_number("iterations", iterations, low=1, integer=True)
+        stride = check_number("stride", stride, low=1, integer=True)
+        feature_stride = check_number("feature_stride", feature_stride, low=1, integer=True)
+        lam = check_numbers("lam", lam, low=0, strict=True)
+        if len(lam) == 1:  # one number: a constant λ
+            lam = lam * iterations
+        step = check_numbers("step", step, low=0, strict=True)
+        step = step[0] if len(step) == 1 else step
+        feature_scale = check_number("feature_scale", feature_scale, low=0, strict=True)
+        mind_radius = check_number("mind_radius", mind_radius, low=0, integer=True)
+        mind_dilation = check_number("mind_dilation", mind_dilation, low=1, integer=True)
+        if stride % feature_stride:
             raise ValueError(
                 f"need feature_stride >= 1 and stride a multiple of it; got stride={stride}, "
                 f"feature_stride={feature_stride}"

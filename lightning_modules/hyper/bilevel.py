@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from layers.gn import GNOutput
+from lightning_modules.base import check_number
+from lightning_modules.checkpoint import CheckpointError, load_checkpoint, require_state_dict
 from lightning_modules.learngn import LearnGN, _qualname
 from lightning_modules.metrics import jacobian_stats
 
@@ -56,27 +58,29 @@ def load_compatible_weights(
     when fine-tuning a bilevel model from a plain LearnGN checkpoint); every other key must match, and the
     checkpoint's extra keys must be hyper-parameter keys of the same prefixes. ``rename`` maps the
     checkpoint's keys to the module's (e.g. into a wrapped head module). ``FileNotFoundError`` /
-    ``ValueError`` otherwise.
+    ``ValueError`` otherwise (:class:`~lightning_modules.checkpoint.CheckpointError`, naming the file). The file is
+    read by :func:`lightning_modules.checkpoint.load_checkpoint` (no code runs from it).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    expected = f"a Lightning checkpoint of {_qualname(type(module))} or LearnGN"
+    ckpt = require_state_dict(load_checkpoint(path, what="init_from", expected=expected), path,
+                              what="init_from", expected=expected)
     saved = ckpt.get("model_class")
     if saved is not None and saved not in (_qualname(type(module)), _qualname(LearnGN)):
-        raise ValueError(f"checkpoint {path} belongs to {saved}, not {_qualname(type(module))} or LearnGN")
+        raise CheckpointError(f"init_from {path} belongs to {saved}, not {_qualname(type(module))} or LearnGN")
     allowed = tuple(allowed_missing)
     state = ckpt["state_dict"]
     if rename is not None:
         state = {rename(k): v for k, v in state.items()}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"init_from {path} does not match {type(module).__name__}: {exc}") from exc
     missing = [k for k in missing if not k.startswith(allowed)]
     unexpected = [k for k in unexpected if not k.startswith(allowed)]
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match {type(module).__name__}: missing {missing}, "
+        raise CheckpointError(
+            f"init_from {path} does not match {type(module).__name__}: missing {missing}, "
             f"unexpected {unexpected}"
         )
 
@@ -143,13 +147,18 @@ class BilevelLearnGN(LearnGN):
             raise ValueError(f"unknown outer_guard {outer_guard!r}; known: {', '.join(GUARDS)}")
         if outer_label not in ("dice", "mse"):
             raise ValueError(f"unknown outer_label {outer_label!r}; known: dice, mse")
-        if hyper_every < 1 or hyper_warmup < 0 or not log_lam_min < log_lam_max:
-            raise ValueError("need hyper_every >= 1, hyper_warmup >= 0 and log_lam_min < log_lam_max")
+        hyper_every = check_number("hyper_every", hyper_every, low=1, integer=True)
+        hyper_warmup = check_number("hyper_warmup", hyper_warmup, low=0, integer=True)
+        check_number("hyper_lr", hyper_lr, low=0, strict=True)
+        for name, value in (("w_outer_label", w_outer_label), ("w_outer_keypoint", w_outer_keypoint),
+                            ("w_guard", w_guard), ("folding_threshold", folding_threshold)):
+            check_number(name, value, low=0)
+        check_number("guard_margin", guard_margin)
+        if not check_number("log_lam_min", log_lam_min) < check_number("log_lam_max", log_lam_max):
+            raise ValueError(f"need log_lam_min < log_lam_max; got {log_lam_min}, {log_lam_max}")
         self.automatic_optimization = False
         base = self.gn.lam_schedule.double()  # (K,) reference schedule
-        lam0 = float(base[0]) if lam_init is None else float(lam_init)
-        if lam0 <= 0:
-            raise ValueError(f"lam_init must be > 0; got {lam_init}")
+        lam0 = float(base[0]) if lam_init is None else check_number("lam_init", lam_init, low=0, strict=True)
         self.register_buffer("lam_ratio", schedule_ratio(base).float(), persistent=False)
         self.lam_net: FourierSchedule | None = None
         if lam_mode == "scalar":

@@ -29,6 +29,8 @@ import torch
 from layers.conditioning import FiLMHeads
 from layers.gn import GNOutput
 from layers.heads import CompactHeads
+from lightning_modules.base import check_number
+from lightning_modules.checkpoint import model_from_checkpoint
 from lightning_modules.learngn import LearnGN
 
 from .bilevel import BilevelLearnGN, load_compatible_weights
@@ -90,10 +92,15 @@ class HyperLearnGN(LearnGN):
         if kwargs.get("learn_schedule"):
             raise ValueError("HyperLearnGN takes λ from its conditioning: learn_schedule is not supported")
         super().__init__(**kwargs)
-        if not 0 < lam_min < lam_max:
+        lam_min = check_number("lam_min", lam_min, low=0, strict=True)
+        if not lam_min < check_number("lam_max", lam_max, low=0, strict=True):
             raise ValueError(f"need 0 < lam_min < lam_max; got {lam_min}, {lam_max}")
-        if not 0 <= p_end <= 1:
+        if not 0 <= check_number("p_end", p_end) <= 1:
             raise ValueError(f"p_end must be in [0, 1]; got {p_end}")
+        film_hidden = check_number("film_hidden", film_hidden, low=1, integer=True)
+        film_depth = check_number("film_depth", film_depth, low=1, integer=True)
+        if lam_eval is not None:
+            check_number("lam_eval", lam_eval, low=0, strict=True)
         if reg_scaling and self.hparams.w_reg <= 0:
             log.warning(
                 "HyperLearnGN with w_reg = 0: the training loss does not depend on λ, so the "
@@ -431,10 +438,9 @@ def resolve_lambda(
 
 
 def load_hyper_model(path: str | Path) -> LearnGN:
-    """Load a LearnGN / BilevelLearnGN / HyperLearnGN from a Lightning checkpoint (its recorded class)."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
-    name = ckpt.get("model_class", "")
-    cls = {c.__qualname__: c for c in (LearnGN, BilevelLearnGN, HyperLearnGN)}.get(
-        name.rsplit(".", 1)[-1], LearnGN
-    )
-    return cls.load_from_checkpoint(path, map_location="cpu")
+    """Load a LearnGN / BilevelLearnGN / HyperLearnGN from a Lightning checkpoint (its recorded class, LearnGN
+    when none is recorded), through :func:`lightning_modules.checkpoint.model_from_checkpoint`: no code runs
+    from the file, and only the project's LearnGN classes are built (``CheckpointError`` naming the file)."""
+    model, _ = model_from_checkpoint(path, base=LearnGN, default=LearnGN, what="checkpoint",
+                                     expected="a Lightning checkpoint of LearnGN, BilevelLearnGN or HyperLearnGN")
+    return model

@@ -44,6 +44,7 @@ from lightning_modules.baselines.schedules import (
     resolve_preset,
     schedule_values,
 )
+from lightning_modules.checkpoint import CheckpointError, load_checkpoint
 from lightning_modules.losses import keypoint_loss, label_loss
 
 from .objectives import outer_loss
@@ -629,13 +630,20 @@ def save_schedule(
 
 
 def _read_schedule(path: str | Path) -> tuple[list[float], float | None]:
-    """``(values, step_unit)`` of a :func:`save_schedule` file or a ScheduleMetaLearner checkpoint."""
+    """``(values, step_unit)`` of a :func:`save_schedule` file or a ScheduleMetaLearner checkpoint, read by
+    :func:`lightning_modules.checkpoint.load_checkpoint` (no code runs from the file; errors name it)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"schedule file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    expected = "a learned schedule written by save_schedule (.pt) or a ScheduleMetaLearner checkpoint"
+    obj = load_checkpoint(path, what="schedule file", expected=expected)
     if isinstance(obj, dict) and "values" in obj:
-        return [float(v) for v in obj["values"]], obj.get("step_unit")
+        try:
+            values = [float(v) for v in obj["values"]]
+            unit = None if obj.get("step_unit") is None else float(obj["step_unit"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"schedule file {path}: 'values' must be numbers ({exc})") from None
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise CheckpointError(f"schedule file {path}: 'values' must be finite learning rates >= 0; got {values}")
+        return values, unit
     if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
         hp = dict(obj["hyper_parameters"])
         sd = {k[len("schedule.") :]: v for k, v in obj["state_dict"].items() if k.startswith("schedule.")}
@@ -643,21 +651,27 @@ def _read_schedule(path: str | Path) -> tuple[list[float], float | None]:
             raise ValueError(
                 f"{path} is a Lightning checkpoint without a learned schedule (no 'schedule.base')"
             )
-        net = FourierSchedule(
-            sd["base"],
-            hp.get("n_freq", 4),
-            hp.get("hidden", 32),
-            hp.get("depth", 2),
-            hp.get("max_log_delta", 3.0),
-            hp.get("frozen_steps", 0),
-        )
-        net.load_state_dict(sd)
+        try:
+            net = FourierSchedule(
+                sd["base"],
+                hp.get("n_freq", 4),
+                hp.get("hidden", 32),
+                hp.get("depth", 2),
+                hp.get("max_log_delta", 3.0),
+                hp.get("frozen_steps", 0),
+            )
+            net.load_state_dict(sd)
+        except Exception as exc:
+            raise CheckpointError(
+                f"schedule file {path}: its schedule network does not load ({type(exc).__name__}: {exc})"
+            ) from exc
         unit = hp.get("step_unit")
         if unit is None:
             unit = resolve_preset(hp.get("preset", "piecewise")).step_unit
         with torch.no_grad():
             return [float(v) for v in net.values()], float(unit)
-    raise ValueError(f"{path} is neither a saved schedule nor a ScheduleMetaLearner checkpoint")
+    raise CheckpointError(f"schedule file {path} is neither a saved schedule nor a ScheduleMetaLearner checkpoint "
+                          f"(expected {expected})")
 
 
 def load_schedule(path: str | Path) -> ValuesLR:

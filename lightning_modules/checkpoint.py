@@ -1,0 +1,225 @@
+"""The one checkpoint loader of the project: every file a user hands over as a checkpoint or a learned schedule
+(``eval.py --ckpt`` / ``--schedule``, ``init_from``, ``train.py --ckpt_path``, :mod:`lightning_modules.hyper`)
+is read here, and reading it never runs code.
+
+* Files are read with ``torch.load(..., weights_only=True)``: tensors, numbers, strings and plain containers,
+  plus the few classes this project's own checkpoints hold (:data:`SAFE_GLOBALS`: ``pathlib`` paths, e.g. a
+  hyper-parameter given as a path), allowed only for the duration of the load. A pickle that names anything
+  else (a crafted file whose ``__reduce__`` would call a function) is refused before any of it is built.
+* A recorded model class (``"model_class"``, or LightningCLI's ``hyper_parameters["_class_path"]``) is
+  imported only from the project's own packages (:data:`PROJECT_PREFIXES`) and must be a subclass of what the
+  caller expects.
+* Every failure is a :class:`CheckpointError` (a ``ValueError``) whose message names the file, what went
+  wrong and what was expected; a missing file is a ``FileNotFoundError`` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import pathlib
+import pickle
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PROJECT_PREFIXES",
+    "SAFE_GLOBALS",
+    "CheckpointError",
+    "checkpoint_class",
+    "import_project_class",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "require_state_dict",
+    "safe_globals",
+]
+
+#: Classes (beyond torch's default weights-only set) that this project's checkpoints may hold.
+SAFE_GLOBALS: tuple[type, ...] = (
+    pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath,
+)
+
+#: Module prefixes a recorded model class may be imported from.
+PROJECT_PREFIXES: tuple[str, ...] = ("lightning_modules.",)
+
+_QUALNAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+CHECKPOINT = "a Lightning checkpoint (.ckpt) saved by this project"
+
+
+class CheckpointError(ValueError):
+    """A file handed over as a checkpoint could not be used; the message names the file and what was expected."""
+
+
+@contextlib.contextmanager
+def safe_globals() -> Iterator[None]:
+    """Allow :data:`SAFE_GLOBALS` in weights-only loads inside the block (e.g. around Lightning's own load of
+    ``--ckpt_path``); nothing else is added, and nothing stays allowed afterwards."""
+    ctx = getattr(torch.serialization, "safe_globals", None)
+    if ctx is None:  # torch < 2.5: nothing can be allowed narrowly; the default weights-only set applies
+        yield
+        return
+    with ctx(list(SAFE_GLOBALS)):
+        yield
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text)
+    return found.group(1).strip() if found else text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_checkpoint(
+    path: str | Path, *, what: str = "checkpoint", expected: str = CHECKPOINT, map_location: Any = "cpu"
+) -> Any:
+    """Read ``path`` without running code (``weights_only=True`` with :data:`SAFE_GLOBALS`).
+
+    Args:
+        path: the file.
+        what: how messages name the file (e.g. ``"--ckpt"``, ``"init_from"``, ``"schedule file"``).
+        expected: what the file should be, for messages.
+        map_location: as for ``torch.load`` (CPU by default).
+
+    Returns:
+        the loaded object (usually a dict).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CheckpointError: the file is truncated, corrupt or not a PyTorch file, or holds objects a weights-only
+            load refuses (a pickle that would run code): nothing of it is built.
+    """
+    path = Path(path)
+    if not path.is_file():
+        kind = "is a folder, not a file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"{what} {kind}: {path} (expected {expected})")
+    try:
+        with warnings.catch_warnings(), safe_globals():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{what} {path} was refused: it holds objects other than tensors and plain data "
+                f"({_refusal_reason(exc)}), which could run code when loaded, so it is not loaded "
+                f"(expected {expected})"
+            ) from None
+        raise CheckpointError(
+            f"{what} {path} is not a readable PyTorch file ({_refusal_reason(exc)}; expected {expected})"
+        ) from exc
+    except Exception as exc:  # truncated zip archives, text files, empty files, ...
+        raise CheckpointError(
+            f"{what} {path} cannot be read: it is truncated, corrupt or not a PyTorch file "
+            f"({type(exc).__name__}: {exc}; expected {expected})"
+        ) from exc
+
+
+def require_state_dict(
+    ckpt: Any, path: str | Path, *, what: str = "checkpoint", expected: str = CHECKPOINT
+) -> dict[str, Any]:
+    """``ckpt`` as a dict with a ``state_dict`` of tensors, or :class:`CheckpointError` naming the file."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        kind = f"a dict with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{what} {path} has no 'state_dict' (it holds {kind}; expected {expected})")
+    return ckpt
+
+
+def import_project_class(qualname: str, *, base: type, path: str | Path, what: str = "checkpoint") -> type:
+    """The class ``qualname`` (``"package.module.Class"``), imported only from :data:`PROJECT_PREFIXES` and
+    checked to be a subclass of ``base``; :class:`CheckpointError` naming the file otherwise."""
+    if not isinstance(qualname, str) or not _QUALNAME.match(qualname):
+        raise CheckpointError(f"{what} {path} records a malformed model class {qualname!r}")
+    if not qualname.startswith(PROJECT_PREFIXES):
+        raise CheckpointError(
+            f"{what} {path} records the model class {qualname!r}, which is not one of this project's "
+            f"(allowed: {', '.join(p + '*' for p in PROJECT_PREFIXES)}); it is not imported"
+        )
+    module_name, _, cls_name = qualname.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CheckpointError(
+            f"{what} {path} records the model class {qualname!r}, but this version of the project has no "
+            f"module {module_name!r} ({exc})"
+        ) from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise CheckpointError(
+            f"{what} {path} records the model class {qualname!r}, but {module_name} has no {cls_name!r} in "
+            "this version of the project"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CheckpointError(f"{what} {path} holds a {qualname}, not a {base.__name__} model")
+    return cls
+
+
+def checkpoint_class(
+    ckpt: dict[str, Any], path: str | Path, *, base: type, default: type | None = None, what: str = "checkpoint"
+) -> type:
+    """The model class a checkpoint records (``model_class``, else ``hyper_parameters["_class_path"]``), via
+    :func:`import_project_class`; ``default`` when it records none (:class:`CheckpointError` if None)."""
+    qualname = ckpt.get("model_class")
+    if qualname is None and isinstance(ckpt.get("hyper_parameters"), dict):
+        qualname = ckpt["hyper_parameters"].get("_class_path")
+    if qualname is None:
+        if default is None:
+            raise CheckpointError(
+                f"{what} {path} was not saved by a {base.__name__} model of this project (no 'model_class')"
+            )
+        return default
+    return import_project_class(qualname, base=base, path=path, what=what)
+
+
+def _init_kwargs(cls: type, hparams: dict[str, Any], path: Path, what: str) -> dict[str, Any]:
+    kwargs = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            log.warning("%s %s: hyper-parameters %s are not arguments of %s; ignored", what, path, unknown,
+                        cls.__name__)
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return kwargs
+
+
+def model_from_checkpoint(
+    path: str | Path, *, base: type, default: type | None = None, what: str = "checkpoint",
+    expected: str = CHECKPOINT,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model a Lightning checkpoint of this project holds: its recorded class (a subclass of
+    ``base``; ``default`` when none is recorded) built from the saved hyper-parameters, with the saved weights
+    (strict). Returns ``(model, checkpoint dict)``; the model is in eval mode on the CPU.
+
+    Raises ``FileNotFoundError`` / :class:`CheckpointError` (naming the file) as :func:`load_checkpoint`, and
+    :class:`CheckpointError` when the class is not the project's, the hyper-parameters no longer build it, or
+    the weights do not fit it.
+    """
+    path = Path(path)
+    ckpt = require_state_dict(load_checkpoint(path, what=what, expected=expected), path, what=what,
+                              expected=expected)
+    cls = checkpoint_class(ckpt, path, base=base, default=default, what=what)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{what} {path}: 'hyper_parameters' must be a dict; got {type(hparams).__name__}")
+    try:
+        model = cls(**_init_kwargs(cls, hparams, path, what))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{what} {path}: its hyper-parameters no longer build a {cls.__name__} ({type(exc).__name__}: {exc})"
+        ) from exc
+    try:
+        model.on_load_checkpoint(ckpt)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{what} {path}: its weights do not fit {cls.__name__} ({type(exc).__name__}: {exc})"
+        ) from exc
+    return model.eval(), ckpt
+
