@@ -17,11 +17,13 @@ import torch
 from layers.encoder import FeatureEncoder
 from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
+from layers.semantic import SemanticNet, semantic_loss, semantic_targets
 
 from .base import RegistrationModule
 from .checkpoint import CheckpointError, load_checkpoint, require_state_dict
 from .features import FEATURE_KINDS, batch_features
 from .losses import keypoint_loss, label_loss, mind_loss, regularity_loss
+from .metrics import dice_per_label
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,19 @@ class LearnGN(RegistrationModule):
             (:class:`layers.encoder.FeatureEncoder`, zero-initialised, shared by fixed and moving; 0 = none).
         encoder_depth: hidden layers of that encoder.
         encoder_lr: Adam learning rate of the encoder (None: ``lr``).
+        semantic: add semantic feature channels: a :class:`layers.semantic.SemanticNet` predicts the signed
+            square-root distance maps of ``label_ids`` from each image, trained on the training labels by the
+            regression loss ``w_semantic`` (and by the registration loss through GN); the maps enter GN as
+            extra channels whose data-term weights (one per label, :func:`layers.gn.assemble_normal_equations`)
+            start at ``semantic_weight_init`` (0: the untrained model is still handcrafted GN on ``features``).
+            Labels are used in the losses only; at test time the network sees the images alone.
+        semantic_widths: the six :class:`~monai.networks.nets.BasicUNet` widths of that network.
+        semantic_lr: Adam learning rate of the semantic network (None: ``lr``).
+        semantic_warmup: epochs at the start that train the semantic network alone (the registration is not
+            run in those training steps; the registration heads and weights do not change).
+        semantic_weight_init: initial data-term weight of the semantic channels.
+        w_semantic: weight of the semantic regression loss (mean squared error of the maps, in mm).
+        weight_lr: Adam learning rate of the semantic channels' data-term weights.
         learn_schedule: also learn the per-iteration λ and step size (as logarithms, initialised at the
             schedule, so the untrained model is still handcrafted GN).
         rtol, maxiter: CG tolerance and iteration cap of each solve.
@@ -122,6 +137,13 @@ class LearnGN(RegistrationModule):
         encoder_hidden: int = 0,
         encoder_depth: int = 4,
         encoder_lr: float | None = None,
+        semantic: bool = False,
+        semantic_widths: list[int] | None = None,
+        semantic_lr: float | None = None,
+        semantic_warmup: int = 0,
+        semantic_weight_init: float = 0.0,
+        w_semantic: float = 1.0,
+        weight_lr: float = 0.01,
         learn_schedule: bool = False,
         detach_warp: bool = False,
         rtol: float = 1e-3,
@@ -144,15 +166,27 @@ class LearnGN(RegistrationModule):
             raise ValueError("features='sdm' needs label_ids (the labels whose distance maps are the features)")
         if label_loss not in ("mse", "dice"):
             raise ValueError(f"unknown label_loss {label_loss!r}; known: mse, dice")
+        if semantic and not label_ids:
+            raise ValueError("semantic=True needs label_ids (the labels whose distance maps are predicted)")
+        if semantic_warmup < 0 or semantic_weight_init < 0 or w_semantic < 0:
+            raise ValueError(f"semantic_warmup, semantic_weight_init and w_semantic must be >= 0; got "
+                             f"{semantic_warmup}, {semantic_weight_init}, {w_semantic}")
         self.save_hyperparameters(ignore=["init_from"])
         channels = {"sdm": len(label_ids or []), "intensity": 1, "mind": 12 if spatial_dims == 3 else 4}[features]
+        n_semantic = len(label_ids) if semantic else 0
         self.gn = GNRegistration(
             iterations=iterations, stride=stride, lam=(lam_start, lam_end), step=step, coupling=coupling,
-            jf=CompactHeads(spatial_dims, channels, stride, hidden), solver={"rtol": rtol, "maxiter": maxiter},
-            detach_warp=detach_warp,
+            jf=CompactHeads(spatial_dims, channels + n_semantic, stride, hidden),
+            solver={"rtol": rtol, "maxiter": maxiter}, detach_warp=detach_warp,
         )
         self.encoder = (FeatureEncoder(spatial_dims, 1, channels, encoder_hidden, encoder_depth)
                         if encoder_hidden > 0 else None)
+        if semantic:
+            self.semantic_net = SemanticNet(spatial_dims, n_semantic, semantic_widths or (8, 16, 24, 32, 48, 8))
+            self.semantic_weight = torch.nn.Parameter(torch.full((n_semantic,), float(semantic_weight_init)))
+            self.register_buffer("base_weight", torch.ones(channels), persistent=False)
+        else:
+            self.semantic_net = self.semantic_weight = None
         if learn_schedule:
             self.log_lam = torch.nn.Parameter(self.gn.lam_schedule.clone().log())
             self.log_step = torch.nn.Parameter(self.gn.step_schedule.clone().log())
@@ -186,7 +220,17 @@ class LearnGN(RegistrationModule):
         if self.encoder is not None:
             fixed = self.encoder(batch["fixed"], fixed)
             moving = self.encoder(batch["moving"], moving)
+        if self.semantic_net is not None:
+            fixed = torch.cat([fixed, self.semantic_net(batch["fixed"].to(fixed.dtype))], dim=1)
+            moving = torch.cat([moving, self.semantic_net(batch["moving"].to(moving.dtype))], dim=1)
         return fixed, moving
+
+    def channel_weights(self) -> torch.Tensor | None:
+        """Data-term weights ``(C,)`` of the GN feature channels (None: all 1): 1 for the base features, the
+        learned non-negative weights for the semantic channels."""
+        if self.semantic_weight is None:
+            return None
+        return torch.cat([self.base_weight.to(self.semantic_weight.dtype), self.semantic_weight.clamp_min(0.0)])
 
     def run(self, batch: dict[str, Any], lam: torch.Tensor | None = None,
             step: torch.Tensor | None = None) -> GNOutput:
@@ -197,7 +241,9 @@ class LearnGN(RegistrationModule):
         if self.log_lam is not None:
             lam = self.log_lam.exp() if lam is None else lam
             step = self.log_step.exp() if step is None else step
-        return self.gn(fixed, moving, lam=lam, step=step)
+        weights = self.channel_weights()
+        return self.gn(fixed, moving, lam=lam, step=step,
+                       channel_weights=None if weights is None else weights.to(fixed.dtype))
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.run(batch).disp
@@ -232,25 +278,73 @@ class LearnGN(RegistrationModule):
             raise ValueError("no loss term applies: set at least one of w_label, w_keypoint, w_mind, w_reg > 0")
         return terms
 
+    def segment(self, image: torch.Tensor) -> torch.Tensor:
+        """The segmentation implied by the semantic maps of ``image`` ``(B, 1, *S)``: ``(B, 1, *S)`` integer
+        labels (the label of the most negative map where one is negative, else 0)."""
+        if self.semantic_net is None:
+            raise ValueError("segment() needs a model with semantic=True")
+        maps = self.semantic_net(image.to(self.semantic_weight.dtype))
+        low, idx = maps.min(dim=1, keepdim=True)
+        ids = torch.as_tensor(list(self.hparams.label_ids), device=maps.device)
+        return torch.where(low < 0, ids[idx], torch.zeros_like(idx))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        out = super().validation_step(batch, batch_idx)
+        if self.semantic_net is not None and "fixed_label" in batch:
+            with torch.no_grad():
+                dice = dice_per_label(self.segment(batch["fixed"]), batch["fixed_label"],
+                                      list(self.hparams.label_ids))
+            self.log("val/semantic_dice", dice.nanmean(), batch_size=dice.shape[0], sync_dist=True)
+        return out
+
+    def semantic_term(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The semantic regression loss of a batch (both images against their labels' distance maps)."""
+        if "fixed_label" not in batch or "moving_label" not in batch:
+            raise ValueError("semantic=True needs a training set with labels (fixed_label, moving_label)")
+        ids = list(self.hparams.label_ids)
+        images = torch.cat([batch["fixed"], batch["moving"]]).to(self.semantic_weight.dtype)
+        labels = torch.cat([batch["fixed_label"], batch["moving_label"]])
+        spacing = batch.get("spacing")
+        sp = tuple(float(v) for v in spacing[0]) if spacing is not None else None
+        target = semantic_targets(labels, ids, sp)
+        return self.hparams.w_semantic * semantic_loss(self.semantic_net(images), target)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        u = self.register(batch)
-        terms = self.loss_terms(batch, u)
+        warmup = self.semantic_net is not None and self.current_epoch < self.hparams.semantic_warmup
+        if warmup:
+            terms = {}
+            bsz = batch["fixed"].shape[0]
+        else:
+            u = self.register(batch)
+            terms = self.loss_terms(batch, u)
+            bsz = u.shape[0]
+        if self.semantic_net is not None and self.hparams.w_semantic > 0:
+            terms["semantic"] = self.semantic_term(batch)
         loss = torch.stack(list(terms.values())).sum()
-        bsz = u.shape[0]
+        if self.semantic_weight is not None:
+            for k, w in enumerate(self.semantic_weight.detach().clamp_min(0.0)):
+                self.log(f"train/semantic_weight{k}", w, on_step=False, on_epoch=True, batch_size=bsz)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bsz, sync_dist=True)
         for k, v in terms.items():
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bsz, sync_dist=True)
         return loss
 
     def param_groups(self, params) -> list[dict[str, Any]]:
-        """Adam parameter groups for ``params``: the encoder's parameters (when ``encoder_lr`` is set) in a group
-        of their own with that learning rate, the rest in a group without an explicit rate."""
+        """Adam parameter groups for ``params``: the encoder's parameters (when ``encoder_lr`` is set), the
+        semantic network's (when ``semantic_lr`` is set) and the semantic channels' weights (``weight_lr``) in
+        groups of their own with those learning rates, the rest in a group without an explicit rate."""
         params = list(params)
-        if self.encoder is None or self.hparams.encoder_lr is None:
-            return [{"params": params}]
-        encoder = {id(p) for p in self.encoder.parameters()}
-        groups = [{"params": [p for p in params if id(p) not in encoder]},
-                  {"params": [p for p in params if id(p) in encoder], "lr": self.hparams.encoder_lr}]
+        hp = self.hparams
+        own: list[tuple[set[int], float]] = []
+        if self.encoder is not None and hp.encoder_lr is not None:
+            own.append(({id(p) for p in self.encoder.parameters()}, hp.encoder_lr))
+        if self.semantic_net is not None:
+            if hp.semantic_lr is not None:
+                own.append(({id(p) for p in self.semantic_net.parameters()}, hp.semantic_lr))
+            own.append(({id(self.semantic_weight)}, hp.weight_lr))
+        taken = set().union(*(ids for ids, _ in own)) if own else set()
+        groups = [{"params": [p for p in params if id(p) not in taken]}]
+        groups += [{"params": [p for p in params if id(p) in ids], "lr": lr} for ids, lr in own]
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):

@@ -150,3 +150,69 @@ def test_init_from_an_encoderless_checkpoint_keeps_the_model(tmp_path):
     torch.save({"state_dict": bad, "model_class": "lightning_modules.learngn.LearnGN"}, path)
     with pytest.raises(ValueError, match="missing keys"):
         LearnGN(spatial_dims=2, features="mind", iterations=2, hidden=2, init_from=str(path))
+
+
+def _semantic_model(**kw):
+    args = dict(spatial_dims=3, features="mind", label_ids=[1, 2], iterations=3, lam_start=0.3, lam_end=0.1,
+                rtol=1e-8, semantic=True, semantic_widths=[4, 4, 4, 4, 4, 4], label_loss="dice")
+    args.update(kw)
+    return LearnGN(**args)
+
+
+def _batch3d():
+    batch = _batch(ndim=3, n=1, shape=(32, 32, 32))
+    lab = batch["fixed_label"]
+    batch["fixed_label"] = lab.clamp(max=2)
+    batch["moving_label"] = batch["moving_label"].clamp(max=2)
+    return batch
+
+
+def test_untrained_semantic_learngn_equals_handcrafted_gn_on_mind():
+    """The semantic channels enter with data-term weight 0: the untrained model is handcrafted GN on MIND."""
+    batch = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in _batch3d().items()}
+    model = _semantic_model().double()
+    ref = HandcraftedGN(features="mind", iterations=3, lam=(0.3, 0.1), solver={"rtol": 1e-8}).double()
+    with torch.no_grad():
+        u = model.register(batch)
+        assert u.abs().max() > 0.5
+        torch.testing.assert_close(u, ref.register(batch), rtol=0, atol=1e-8)
+
+
+def test_semantic_weights_get_a_gradient_and_warmup_trains_the_network_alone():
+    batch = _batch3d()
+    model = _semantic_model(semantic_warmup=1)
+    u = model.register(batch)
+    terms = model.loss_terms(batch, u)
+    sum(terms.values()).backward()
+    assert model.semantic_weight.grad is not None and model.semantic_weight.grad.abs().sum() > 0
+
+    model.zero_grad()
+    loss = model.training_step(batch, 0)  # epoch 0 < semantic_warmup: the U-Net loss only
+    loss.backward()
+    assert all(p.grad is None for p in model.heads.parameters())
+    assert model.semantic_weight.grad is None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.semantic_net.parameters())
+
+
+def test_semantic_optimiser_groups_and_bad_options():
+    model = _semantic_model(semantic_lr=0.01, weight_lr=0.05, lr=1e-4)
+    groups = model.configure_optimizers().param_groups
+    lrs = sorted(g["lr"] for g in groups)
+    assert lrs == [1e-4, 0.01, 0.05]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="label_ids"):
+        LearnGN(spatial_dims=3, features="mind", semantic=True)
+    with pytest.raises(ValueError, match="semantic_warmup"):
+        _semantic_model(semantic_warmup=-1)
+
+
+def test_segment_reads_the_most_negative_map():
+    model = _semantic_model()
+    maps = torch.tensor([[[[[0.5, -0.2, -1.0, 0.1]]], [[[-0.3, 0.4, -0.5, 0.2]]]]])  # (1, 2, 1, 1, 4)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, image):
+            return maps
+
+    model.semantic_net = Fixed()
+    assert model.segment(torch.zeros(1, 1, 1, 1, 4)).flatten().tolist() == [2, 1, 1, 0]
