@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method argument (YAML value), e.g. --method-arg preset=constant")
     p.add_argument("--method-config", help="YAML file of method arguments (init_args of the method)")
     p.add_argument("--lam", help="λ for a λ-conditioned model: a value or 'auto' (chosen on the val split)")
+    p.add_argument("--init-ckpt", help="LearnGN checkpoint whose field starts the Adam optimisation "
+                                       "(--method adam | convexadam: learned GN, then Adam refinement; "
+                                       "ConvexAdam then skips its convex stage)")
     p.add_argument("--schedule", help="learned learning-rate schedule checkpoint (--method adam)")
     p.add_argument("--figures", type=int, default=3, help="figures for the first N pairs")
     p.add_argument("--half", action="store_true", help="store displacement files in 16 bit")
@@ -86,14 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_learngn(ckpt: str):
+def load_learngn(ckpt: str, what: str = "--ckpt"):
     """Load a LearnGN-family model from a checkpoint without running code from it, checking its class
     (:func:`lightning_modules.checkpoint.model_from_checkpoint`; ``FileNotFoundError`` / ``CheckpointError``
     naming the file)."""
     from lightning_modules.checkpoint import model_from_checkpoint
     from lightning_modules.learngn import LearnGN
 
-    return model_from_checkpoint(ckpt, base=LearnGN, what="--ckpt",
+    return model_from_checkpoint(ckpt, base=LearnGN, what=what,
                                  expected="a Lightning checkpoint (.ckpt) of a LearnGN model of this project")
 
 
@@ -138,7 +141,12 @@ def build_method(args: argparse.Namespace, method_args: dict[str, Any]):
         known = ", ".join(k for k in params if k != "self") or "none"
         raise ValueError(f"--method {args.method} has no option {', '.join(map(repr, unknown))} "
                          f"(--method-arg / --method-config); its options: {known}")
-    return make_baseline(args.method, **method_args), None
+    model = make_baseline(args.method, **method_args)
+    if args.init_ckpt:
+        if args.method not in ("adam", "convexadam"):
+            raise SystemExit("error: --init-ckpt applies to --method adam | convexadam")
+        model.set_initialiser(load_learngn(args.init_ckpt, "--init-ckpt")[0])
+    return model, None
 
 
 def build_data(args: argparse.Namespace, meta: dict | None, data_args: dict[str, Any]):

@@ -136,13 +136,6 @@ class AdamIO(BaselineModule):
             logj_weight=self.logj_weight,
         )
 
-    def initial_field(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """The initial full-resolution field: ``batch["init_disp"]``, else ``init(batch)``, else None."""
-        init = batch.get("init_disp")
-        if init is None and self.init_fn is not None:
-            init = self.init_fn(batch)
-        return init
-
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         """Displacement ``(B, n, *S)`` (voxel units) of a batch; see the class docstring."""
         fixed, moving = check_pair(batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,9 +14,33 @@ __all__ = ["BaselineModule", "check_number", "check_numbers", "check_pair", "gra
 
 class BaselineModule(RegistrationModule):
     """Base of the baselines: evaluation only, no trainable parameters (``fit`` raises
-    :class:`~lightning_modules.base.EvaluationOnlyError`, see :class:`~lightning_modules.base.RegistrationModule`)."""
+    :class:`~lightning_modules.base.EvaluationOnlyError`, see :class:`~lightning_modules.base.RegistrationModule`).
+
+    A baseline that refines a field (AdamIO, ConvexAdam's Adam stage) starts from :meth:`initial_field`: the
+    batch key ``"init_disp"``, else the field of an initialising registration model (:meth:`set_initialiser`,
+    e.g. a trained LearnGN: "learned GN, then a few Adam steps"), else ``init_fn(batch)``, else nothing.
+    """
 
     evaluation_only = True
+    init_fn: Callable[[dict[str, Any]], torch.Tensor] | None = None
+
+    def set_initialiser(self, model: RegistrationModule | None) -> None:
+        """Start every registration from ``model.register(batch)`` (no gradient; the model becomes a submodule,
+        so it follows this module's device). None removes it."""
+        if model is not None and not isinstance(model, RegistrationModule):
+            raise TypeError(f"the initialiser must be a RegistrationModule; got {type(model).__name__}")
+        self.initialiser = model
+
+    def initial_field(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The initial full-resolution field ``(B, n, *S)`` (voxel units) of a batch, or None (see the class
+        docstring)."""
+        init = batch.get("init_disp")
+        if init is None and getattr(self, "initialiser", None) is not None:
+            with torch.no_grad():
+                init = self.initialiser.register(batch)
+        if init is None and self.init_fn is not None:
+            init = self.init_fn(batch)
+        return init
 
 
 def check_pair(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

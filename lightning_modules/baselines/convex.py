@@ -193,6 +193,9 @@ class ConvexAdam(BaselineModule):
     the 64³ synthetic pairs the published settings are clearly better (Dice 0.963 vs 0.918 for
     ``convexadam_logj.yaml``; narrower LNCC windows or full-resolution LNCC recover only part of the gap).
 
+    An initial field (:meth:`~lightning_modules.baselines.common.BaselineModule.initial_field`: e.g. a trained
+    LearnGN's, ``eval.py --init-ckpt``) replaces the convex stage: the Adam stage then refines that field.
+
     Args:
         grid_sp: stride of the coarse grid of the convex stage (6).
         disp_hw: half-width of the shift window in coarse nodes (4).
@@ -290,7 +293,10 @@ class ConvexAdam(BaselineModule):
         with torch.no_grad():
             fixed_feat = mind_ssc(fixed, self.mind_radius, self.mind_dilation)
             moving_feat = mind_ssc(moving, self.mind_radius, self.mind_dilation)
-            init = self.coarse_field(fixed_feat, moving_feat)
+        init = self.initial_field(batch)  # a given field replaces the convex stage
+        if init is None:
+            with torch.no_grad():
+                init = self.coarse_field(fixed_feat, moving_feat)
         if self.iterations == 0:
             return init
         extra = None

@@ -9,6 +9,8 @@ import torch
 
 import eval as eval_cli
 import train
+from data.io import read_displacement
+from layers.grid import pool_to_grid, upsample_field
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -153,3 +155,29 @@ def test_ddp_fit_and_eval_on_cpu(tmp_path):
         assert float(a["tre"]) == pytest.approx(float(b["tre"]), abs=1e-5)
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["n_pairs"] == 4 and ddp["metrics"]["dice"] == pytest.approx(single["metrics"]["dice"], abs=1e-6)
+
+
+def test_eval_refines_a_learngn_field_with_adam(tmp_path):
+    """--init-ckpt: the Adam baselines start from the checkpoint's field; with 0 Adam steps they return it, so
+    the metrics equal the LearnGN evaluation's, and with steps they move on from it."""
+    _fit(tmp_path, "--trainer.max_epochs", "1")
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    common = ["--split", "val", "--figures", "0", "--accelerator", "cpu", "--data", "synthetic2d",
+              "--data-arg", "synthetic_shape=[32,32]", "--data-arg", "num_val=2"]
+    learned = eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--out", str(tmp_path / "l"), *common])
+    for method in ("adam", "convexadam"):
+        eval_cli.main(["--method", method, "--init-ckpt", ckpt, "--method-arg", "iterations=0",
+                       "--out", str(tmp_path / f"{method}0"), *common])
+        for file in sorted((tmp_path / "l" / "disp").glob("disp_*.nii.gz")):
+            u = read_displacement(file)[None]  # (1, n, *S)
+            # AdamIO holds the field on its half-resolution grid (stride 2), upsampled linearly; ConvexAdam with
+            # no Adam step returns the field that replaced its convex stage
+            pooled = upsample_field(pool_to_grid(u, 2), u.shape[2:], 2)
+            assert (u - pooled).abs().max() > 1e-3  # the check can tell the two apart
+            got = read_displacement(tmp_path / f"{method}0" / "disp" / file.name)[None]
+            torch.testing.assert_close(got, pooled if method == "adam" else u, rtol=0, atol=1e-5)
+    refined = eval_cli.main(["--method", "adam", "--init-ckpt", ckpt, "--method-arg", "iterations=5",
+                             "--method-arg", "preset=constant", "--out", str(tmp_path / "a5"), *common])
+    assert refined["metrics"]["sdlogj"] != pytest.approx(learned["metrics"]["sdlogj"], abs=1e-6)
+    with pytest.raises(SystemExit, match="--init-ckpt applies"):
+        eval_cli.main(["--method", "gn", "--init-ckpt", ckpt, "--out", str(tmp_path / "g"), *common])

@@ -421,3 +421,28 @@ def test_feature_mse_channels_last_path_is_exact(threads, monkeypatch):
         torch.set_num_threads(previous)
     torch.testing.assert_close(value, ref, rtol=0, atol=1e-15)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-15)
+
+
+def test_an_initialiser_replaces_convexadams_convex_stage_and_starts_adamio():
+    from data.collate import collate_pairs
+    from data.synthetic import SyntheticPairs
+    from lightning_modules.base import RegistrationModule
+    from lightning_modules.baselines import AdamIO, ConvexAdam
+
+    class Shift(RegistrationModule):
+        def register(self, batch):
+            u = torch.zeros(batch["fixed"].shape[0], 2, *batch["fixed"].shape[2:])
+            u[:, 0] = 1.5
+            return u
+
+    ds = SyntheticPairs(1, seed=0, shape=(32, 32), ndim=2)
+    batch = collate_pairs([ds[0]])
+    for method in (ConvexAdam(iterations=0), AdamIO(iterations=0)):
+        method.set_initialiser(Shift())
+        torch.testing.assert_close(method.register(batch), Shift().register(batch))
+    moved = AdamIO(preset="constant", iterations=3)
+    moved.set_initialiser(Shift())
+    u = moved.register(batch)
+    assert (u - Shift().register(batch)).abs().max() > 0
+    with pytest.raises(TypeError, match="RegistrationModule"):
+        AdamIO().set_initialiser(lambda b: b)
