@@ -66,6 +66,9 @@ class RegistrationDataModule(LightningDataModule):
         slice_holdout: slice mode on a dataset with too few subjects for disjoint splits (e.g. BrainPair):
             every split uses the evaluation pairs, split by slice index ``i``: val ``i % k == 0``, test
             ``i % k == k // 2``, train the rest (a within-subject split; 0 = off).
+        slice_ranges: with ``slice_holdout``: contiguous slice ranges per split instead of the interleaved rule,
+            ``{"train": [lo, hi], "val": [lo, hi], "test": [lo, hi]}`` (half-open; ``test`` defaults to
+            ``val``), so the held-out slices are far from the training slices (the ranges must not overlap).
         num_train: synthetic: pairs in train.
         num_val: synthetic: pairs in val.
         num_test: synthetic: pairs in test.
@@ -110,6 +113,7 @@ class RegistrationDataModule(LightningDataModule):
         slice_axis: int = 0,
         slice_indices: list[int] | None = None,
         slice_holdout: int = 0,
+        slice_ranges: dict[str, list[int]] | None = None,
         num_train: int = 64,
         num_val: int = 8,
         num_test: int = 8,
@@ -202,14 +206,34 @@ class RegistrationDataModule(LightningDataModule):
             raise RuntimeError(f"slice_holdout: {self.source} has no evaluation pairs to slice")
         slices = SliceDataset(source, h.slice_axis, h.slice_indices)
         # slice -1: a pair that could not be loaded to list its slices; every split keeps it (and fails on it)
-        rule = {"val": lambda i: i < 0 or i % k == 0, "test": lambda i: i < 0 or i % k == k // 2,
-                "train": lambda i: i < 0 or i % k not in (0, k // 2)}
+        if h.slice_ranges:
+            rule = self._slice_range_rule(dict(h.slice_ranges))
+        else:
+            rule = {"val": lambda i: i < 0 or i % k == 0, "test": lambda i: i < 0 or i % k == k // 2,
+                    "train": lambda i: i < 0 or i % k not in (0, k // 2)}
         out: dict[str, Dataset | None] = {
             name: Subset(slices, [j for j, (_, i) in enumerate(slices.index) if keep(i)])
             for name, keep in rule.items()
         }
         out["hyper"] = None
         return out
+
+    @staticmethod
+    def _slice_range_rule(ranges: dict[str, list[int]]) -> dict:
+        unknown = sorted(set(ranges) - {"train", "val", "test"})
+        if unknown or not {"train", "val"} <= set(ranges):
+            raise ValueError(f"slice_ranges needs 'train' and 'val' (and optionally 'test') ranges [lo, hi]; got "
+                             f"keys {sorted(ranges)}")
+        ranges.setdefault("test", ranges["val"])
+        for name, r in ranges.items():
+            if len(r) != 2 or int(r[0]) >= int(r[1]):
+                raise ValueError(f"slice_ranges[{name!r}] must be [lo, hi] with lo < hi; got {r}")
+        tr, va, te = (tuple(int(v) for v in ranges[k]) for k in ("train", "val", "test"))
+        for name, (lo, hi) in (("val", va), ("test", te)):
+            if lo < tr[1] and tr[0] < hi:
+                raise ValueError(f"slice_ranges: the {name} range {[lo, hi]} overlaps the train range {list(tr)}")
+        return {name: (lambda i, lo=lo, hi=hi: i < 0 or lo <= i < hi)
+                for name, (lo, hi) in (("train", tr), ("val", va), ("test", te))}
 
     def _synthetic_splits(self) -> dict[str, Dataset | None]:
         h = self.hparams

@@ -179,3 +179,20 @@ def test_learn2reg_slice_holdout_splits_by_slice_index(tmp_path):
     assert not set(idx["train"]) & (set(idx["val"]) | set(idx["test"]))
     with pytest.raises(ValueError, match="slice_mode"):
         RegistrationDataModule(str(json_path), slice_holdout=4).setup()
+
+
+def test_learn2reg_slice_ranges_split_by_contiguous_ranges(tmp_path):
+    json_path, _ = make_learn2reg(tmp_path / "T", n_subjects=2, val_cases=("0001", "0002"))
+    ranges = {"train": [0, 4], "val": [6, 8]}  # the volumes have 8 foreground slices along axis 2
+    dm = RegistrationDataModule(str(json_path), slice_mode=True, slice_axis=2, slice_holdout=4, slice_ranges=ranges)
+    dm.setup()
+    idx = {name: sorted({int(dm.datasets[name][j]["fixed_id"].split("_s")[-1]) for j in range(len(dm.datasets[name]))})
+           for name in ("train", "val", "test")}
+    assert idx["train"] == [0, 1, 2, 3]
+    assert idx["val"] == [6, 7]
+    assert idx["test"] == idx["val"]
+    for bad, match in [({"train": [0, 7], "val": [6, 8]}, "overlaps"), ({"train": [5, 5], "val": [6, 8]}, "lo < hi"),
+                       ({"val": [6, 8]}, "needs 'train'"), ({"train": [0, 2], "val": [6, 8], "x": [1, 2]}, "needs")]:
+        with pytest.raises(ValueError, match=match):
+            RegistrationDataModule(str(json_path), slice_mode=True, slice_axis=2, slice_holdout=4,
+                                   slice_ranges=bad).setup()
