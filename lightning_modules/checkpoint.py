@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import io
 import logging
 import pathlib
 import pickle
@@ -36,6 +37,7 @@ __all__ = [
     "SAFE_GLOBALS",
     "CheckpointError",
     "checkpoint_class",
+    "export_weights",
     "import_project_class",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -189,6 +191,26 @@ def _init_kwargs(cls: type, hparams: dict[str, Any], path: Path, what: str) -> d
     return kwargs
 
 
+#: what a shipped (weights-only) checkpoint keeps of a Lightning checkpoint
+EXPORTED_KEYS = ("state_dict", "hyper_parameters", "model_class", "datamodule_hyper_parameters", "epoch",
+                 "global_step", "pytorch-lightning_version")
+
+
+def export_weights(src: str | Path, dst: str | Path, *, base: type) -> Path:
+    """Write the weights-only copy of a training checkpoint that a model is shipped as: the keys of
+    :data:`EXPORTED_KEYS` (weights, hyper-parameters, class, data settings; no optimiser state, so it is about a
+    third of the size and cannot resume training). ``src`` is read safely and checked to rebuild a ``base``
+    model before anything is written; ``dst`` is written atomically. Returns ``dst``."""
+    from data.io import atomic_write_bytes
+
+    model_from_checkpoint(src, base=base, what="checkpoint to export")
+    ckpt = load_checkpoint(src, what="checkpoint to export")
+    kept = {k: ckpt[k] for k in EXPORTED_KEYS if k in ckpt}
+    buffer = io.BytesIO()
+    torch.save(kept, buffer)
+    return atomic_write_bytes(dst, buffer.getvalue())
+
+
 def model_from_checkpoint(
     path: str | Path, *, base: type, default: type | None = None, what: str = "checkpoint",
     expected: str = CHECKPOINT,
@@ -223,3 +245,21 @@ def model_from_checkpoint(
         ) from exc
     return model.eval(), ckpt
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lightning_modules.checkpoint SRC DST``: export the weights-only copy of a LearnGN-family
+    training checkpoint (:func:`export_weights`)."""
+    import argparse
+
+    from .learngn import LearnGN
+
+    parser = argparse.ArgumentParser(prog="python -m lightning_modules.checkpoint", description=main.__doc__)
+    parser.add_argument("src", help="a training checkpoint (e.g. runs/<recipe>/checkpoints/last.ckpt)")
+    parser.add_argument("dst", help="the weights-only file to write")
+    args = parser.parse_args(argv)
+    export_weights(args.src, args.dst, base=LearnGN)
+
+
+if __name__ == "__main__":
+    main()

@@ -164,3 +164,23 @@ def test_model_round_trip_and_mismatches(tmp_path):
     gn = saved_model(tmp_path / "gn.ckpt", HandcraftedGN(iterations=1))
     with pytest.raises(CheckpointError, match="not a LearnGN"):
         model_from_checkpoint(gn, base=LearnGN)
+
+
+def test_exported_weights_rebuild_the_same_model(tmp_path):
+    from lightning_modules.checkpoint import export_weights, model_from_checkpoint
+    from lightning_modules.learngn import LearnGN
+
+    model = LearnGN(spatial_dims=2, features="mind", iterations=2, hidden=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    src = tmp_path / "train.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "model_class": "lightning_modules.learngn.LearnGN", "optimizer_states": [{"big": torch.zeros(10_000)}]},
+               src)
+    dst = export_weights(src, tmp_path / "out" / "shipped.ckpt", base=LearnGN)
+    assert dst.stat().st_size < src.stat().st_size
+    assert "optimizer_states" not in torch.load(dst, weights_only=True)
+    loaded, _ = model_from_checkpoint(dst, base=LearnGN)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
