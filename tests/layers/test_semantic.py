@@ -43,9 +43,20 @@ def test_targets_are_the_unit_scale_signed_distance_maps():
     assert (t[0, 0][lab[0, 0] == 1] < 0).all() and (t[0, 0][lab[0, 0] != 1] > 0).all()
 
 
-def test_semantic_loss_is_the_mean_squared_error():
-    a, b = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.randn(2, 2, 8, 8, dtype=torch.float64)
-    assert float(semantic_loss(a, a)) == 0.0
-    torch.testing.assert_close(semantic_loss(a, b), ((a - b) ** 2).mean())
+def test_semantic_loss_is_the_squared_error_plus_one_minus_soft_dice():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+    b[1, 1] = b[1, 1].abs() + 0.1  # label absent from this target: left out of the Dice
+    soft, inside = torch.sigmoid(-4 * a), (b < 0).double()
+    ref_dice = []
+    for i in range(2):
+        for k in range(2):
+            if inside[i, k].sum() > 0:
+                ref_dice.append(2 * (soft[i, k] * inside[i, k]).sum() / (soft[i, k].sum() + inside[i, k].sum()))
+    ref = ((a - b) ** 2).mean() + (1 - torch.stack(ref_dice)).mean()
+    torch.testing.assert_close(semantic_loss(a, b), ref)
+    far = torch.where(b < 0, -50.0, 50.0).double()  # a perfect, very sharp prediction: only the squared error is left
+    torch.testing.assert_close(semantic_loss(far, b), ((far - b) ** 2).mean() + 0.0, atol=1e-9, rtol=0)
     with pytest.raises(ValueError, match="differ"):
         semantic_loss(a, b[:, :1])
