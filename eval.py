@@ -5,6 +5,17 @@
     python eval.py --method convexadam --data ../shared/data/BrainPair/BrainPair_dataset.json --split val \
         --out runs/brain/convexadam
     python eval.py --compare runs/eval/*          # print a comparison table of finished evaluations
+    python eval.py --method gn --fixed F.nii.gz --moving M.nii.gz --moving-labels L.nii.gz --out runs/pair
+    python eval.py --apply runs/pair/disp.nii.gz --image X.nii.gz --out X_warped.nii.gz [--nearest]
+
+One pair from files (``--fixed``/``--moving``, no dataset JSON): the moving image (and its labels / mask) is
+resampled onto the fixed grid from the files' affines (:mod:`data.pair_files`), registered, and ``--out DIR``
+receives ``warped.nii.gz`` (the moving image's raw intensities on the fixed grid, with the fixed affine),
+``warped_labels.nii.gz`` (with ``--moving-labels``; nearest), ``disp.nii.gz`` (the Learn2Reg convention:
+``(*S, n)``, voxel units, fixed grid), ``disp_itk.nii.gz`` (an ITK / ANTs displacement field, :mod:`data.itk`),
+``metrics.json`` and ``figure.png``. ``--apply`` warps any other image or label map in the moving image's space
+with a saved ``disp.nii.gz`` exactly as the registration warped the moving image. ``--deterministic`` makes
+repeated runs bit-identical for a ``--seed`` (deterministic algorithms, no cuDNN autotuning).
 
 Writes ``summary.json``, ``pairs.csv``, ``summary.md``, ``disp/`` and ``figures/`` under ``--out`` (refused when
 the folder already holds results, unless ``--overwrite``). A pair that fails anywhere (loading, preprocessing,
@@ -20,11 +31,14 @@ was refused before any pair ran (bad option, input, checkpoint or output folder;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print a table of finished evaluations and exit")
+    g = p.add_argument_group("one pair from files (instead of --data; see the module docstring)")
+    g.add_argument("--fixed", help="fixed image (.nii / .nii.gz, 2D or 3D)")
+    g.add_argument("--moving", help="moving image (any grid: resampled onto the fixed grid from the affines)")
+    g.add_argument("--fixed-labels", help="fixed label map (for Dice / HD95 in metrics.json)")
+    g.add_argument("--moving-labels", help="moving label map (warped to warped_labels.nii.gz)")
+    g.add_argument("--fixed-mask", help="fixed mask (> 0 inside)")
+    g.add_argument("--moving-mask", help="moving mask (> 0 inside)")
+    g.add_argument("--intensity", choices=("ct", "mr", "none"), default=None,
+                   help="intensity normalisation of the two images (default: the checkpoint's data setting for "
+                        "learngn when it names one, else none = min-max)")
+    g = p.add_argument_group("apply a saved displacement")
+    g.add_argument("--apply", metavar="DISP", help="a disp.nii.gz written by this program (Learn2Reg convention)")
+    g.add_argument("--image", help="the image or label map to warp (in the moving image's space)")
+    g.add_argument("--nearest", action="store_true", help="nearest-neighbour sampling (label maps)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms and seeds (--seed): repeated runs give bit-identical outputs")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -201,10 +231,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.compare:
         sys.stdout.write(compare(args.compare))
         return None
-    if not args.method or not args.out:
-        raise SystemExit("error: --method and --out are required (or --compare DIR ...)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    with deterministic_mode(args.deterministic):
+        if args.apply or args.image:
+            run_apply(args)
+            return None
+        if args.fixed or args.moving:
+            return run_pair(args)
+        return run_dataset(args)
+
+
+def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Evaluate ``--method`` on a split of ``--data`` (the default mode); returns the summary on rank 0."""
+    if not args.method or not args.out:
+        raise SystemExit("error: --method and --out are required (or --fixed/--moving, --apply, --compare)")
+    stray = [f"--{k.replace('_', '-')}" for k in PAIR_ONLY if getattr(args, k)]
+    if stray:
+        raise SystemExit(f"error: {', '.join(stray)} belong{'s' if len(stray) == 1 else ''} to the one-pair mode "
+                         "(--fixed F --moving M)")
 
     from lightning.pytorch import Trainer, seed_everything
 
@@ -258,6 +303,195 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                              f"{out / 'pairs.csv'} and {out / 'summary.md'}\n")
         return s
     return None
+
+
+#: options of the one-pair mode only (argparse destinations)
+PAIR_ONLY = ("fixed_labels", "moving_labels", "fixed_mask", "moving_mask", "intensity", "nearest")
+#: the files the one-pair mode writes into --out
+PAIR_OUTPUTS = ("warped.nii.gz", "warped_labels.nii.gz", "disp.nii.gz", "disp_itk.nii.gz", "metrics.json",
+                "figure.png")
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """With ``enabled``: deterministic algorithms (``torch.use_deterministic_algorithms(True, warn_only=True)``),
+    no cuDNN autotuning, and the cuBLAS workspace setting CUDA needs for reproducible matrix products; the
+    previous settings are restored afterwards. Seeds are set by the caller (``--seed``).
+
+    ``warn_only``: every CPU operation the project uses has a deterministic implementation; on CUDA PyTorch
+    flags ``grid_sample``'s backward (its gradient with respect to the *image* is accumulated with atomics; the
+    gradient with respect to the sampling grid, which the Adam stages use, is not), so it warns there instead of
+    failing the run."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+
+
+def _device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --accelerator {accelerator} but CUDA is not available")
+        return torch.device("cuda")
+    if accelerator == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator not in ("auto", "cpu"):
+        raise SystemExit(f"error: --accelerator {accelerator!r}: the one-pair mode runs on cpu, gpu or auto")
+    return torch.device("cpu")
+
+
+def _checkpoint_intensity(meta: dict | None) -> str:
+    """The intensity normalisation a LearnGN checkpoint's data used (``"none"`` when it names none)."""
+    from data.intensity import mode_for_modality
+
+    hp = (meta or {}).get("datamodule_hyper_parameters") or {}
+    mode = hp.get("intensity", "none")
+    if mode in ("ct", "mr", "none"):
+        return mode
+    source = str(hp.get("source", ""))
+    if mode == "auto" and source.endswith(".json"):
+        try:  # the modality of the training data, as the data module chose it
+            from data.learn2reg_task import Learn2RegTask
+
+            task = Learn2RegTask(source, check_files=False)
+            return mode_for_modality(task.modality_name(0))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("cannot read the checkpoint's dataset %s (%s)", source, exc)
+    log.warning("the checkpoint's data used intensity %r; using min-max (pass --intensity ct|mr|none)", mode)
+    return "none"
+
+
+def _refuse_existing(out: Path, names: Sequence[str], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    old = [name for name in names if (out / name).exists()]
+    if old and not overwrite:
+        raise FileExistsError(f"--out {out} already holds {', '.join(old)}; pass --overwrite to replace them, or "
+                              "choose another folder")
+
+
+def run_pair(args: argparse.Namespace) -> dict[str, Any]:
+    """Register ``--moving`` onto ``--fixed`` and write the one-pair outputs (see the module docstring).
+
+    Returns the ``metrics.json`` dict (``method``, ``fixed``, ``moving``, ``n_pairs`` 1, ``n_failed`` 0 or 1,
+    ``status``, ``error``, ``seconds``, ``initial``, ``metrics``); bad options or input files raise (status 2)."""
+    if not (args.fixed and args.moving):
+        raise SystemExit("error: --fixed and --moving go together")
+    if not args.method or not args.out:
+        raise SystemExit("error: --method and --out are required with --fixed/--moving")
+    if args.data:
+        raise SystemExit("error: --data and --fixed/--moving exclude each other")
+    if args.no_disp:
+        raise SystemExit("error: --no-disp does not apply to --fixed/--moving (disp.nii.gz is what --apply reads)")
+    if isinstance(args.lam, str) and args.lam.strip().lower() == "auto":
+        raise SystemExit("error: --lam auto chooses λ on a validation split; give a value with --fixed/--moving")
+
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from lightning.pytorch import seed_everything
+
+    from data.collate import collate_pairs
+    from data.io import (
+        atomic_write_bytes,
+        read_displacement_grid,
+        remove_stale_temporaries,
+        write_displacement,
+        write_nifti,
+    )
+    from data.itk import write_itk_displacement
+    from data.pair_files import load_file_pair, warp_file
+    from lightning_modules.figures import pair_figure
+
+    out = Path(args.out)
+    _refuse_existing(out, PAIR_OUTPUTS, args.overwrite)
+    seed_everything(args.seed, workers=True, verbose=False)
+    method_args = read_method_config(args.method_config) if args.method_config else {}
+    method_args.update(_key_values(args.method_arg, "--method-arg"))
+    model, meta = build_method(args, method_args)
+    intensity = args.intensity or _checkpoint_intensity(meta)
+    sample = load_file_pair(args.fixed, args.moving, fixed_labels=args.fixed_labels,
+                            moving_labels=args.moving_labels, fixed_mask=args.fixed_mask,
+                            moving_mask=args.moving_mask, intensity=intensity)
+    if args.lam is not None:
+        if args.method != "learngn":
+            raise SystemExit("error: --lam applies to --method learngn")
+        from lightning_modules.hyper.hypernet import resolve_lambda
+
+        log.info("using λ = %g", resolve_lambda(model, args.lam))
+    device = _device(args.accelerator)
+    model = model.to(device).eval()
+    record = model.timed_register(move_data_to_device(collate_pairs([sample]), device))[0]
+    result = {"method": args.method, "fixed": str(args.fixed), "moving": str(args.moving), "n_pairs": 1,
+              "n_failed": int(record["status"] != "ok"), "status": record["status"], "error": record["error"],
+              "seconds": record["seconds"], "initial": record["initial"], "metrics": record["metrics"]}
+    if record["status"] == "ok":
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries([out])
+            for name in PAIR_OUTPUTS:  # no file of an earlier run may stay beside the new ones
+                (out / name).unlink(missing_ok=True)
+            affine = sample["affine"].numpy()
+            write_displacement(out / "disp.nii.gz", record["disp"], affine, half=args.half)
+            u, _ = read_displacement_grid(out / "disp.nii.gz")  # warp with the field as stored: --apply's input
+            write_itk_displacement(out / "disp_itk.nii.gz", u, affine)
+            write_nifti(out / "warped.nii.gz", warp_file(args.moving, u, affine), affine)
+            if args.moving_labels:
+                write_nifti(out / "warped_labels.nii.gz", warp_file(args.moving_labels, u, affine, nearest=True),
+                            affine)
+            if args.figures > 0:
+                pair_figure(sample["fixed"], sample["moving"], u, out / "figure.png",
+                            fixed_label=sample.get("fixed_label"), moving_label=sample.get("moving_label"),
+                            title=f"{args.method}: {Path(args.moving).name} -> {Path(args.fixed).name}")
+        except (OSError, ValueError, RuntimeError) as exc:
+            result.update(n_failed=1, status="failed", error=f"writing: {type(exc).__name__}: {exc}")
+    if out.is_dir() or result["status"] == "ok":
+        atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
+    if result["status"] != "ok":
+        sys.stderr.write(f"eval.py: the pair failed: {result['error']}\n")
+        return result
+    before, after = result["initial"], result["metrics"]
+    sys.stdout.write(f"{args.method}: {Path(args.moving).name} -> {Path(args.fixed).name} in "
+                     f"{result['seconds']:.2f} s; results in {out} (warped.nii.gz, "
+                     f"{'warped_labels.nii.gz, ' if args.moving_labels else ''}disp.nii.gz, disp_itk.nii.gz, "
+                     "metrics.json)\n")
+    for key in ("dice", "hd95", "sdlogj", "folding"):
+        b, a = before.get(key), after.get(key)
+        if a is not None and math.isfinite(a):
+            sys.stdout.write(f"  {key}: {b:.4f} -> {a:.4f}\n")
+    return result
+
+
+def run_apply(args: argparse.Namespace) -> None:
+    """``--apply DISP --image X --out Y [--nearest]``: warp ``X`` with a saved displacement onto its fixed grid."""
+    if not (args.apply and args.image and args.out):
+        raise SystemExit("error: --apply DISP needs --image X and --out Y")
+    extra = [opt for opt, v in (("--method", args.method), ("--fixed", args.fixed), ("--moving", args.moving),
+                                ("--data", args.data), ("--ckpt", args.ckpt)) if v]
+    if extra:
+        raise SystemExit(f"error: --apply takes no {', '.join(extra)}")
+    from data.io import read_displacement_grid, write_nifti
+    from data.pair_files import warp_file
+
+    out = Path(args.out)
+    if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
+        raise SystemExit(f"error: --out {out} must name a .nii.gz or .nii file with --apply")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+    try:
+        u, affine = read_displacement_grid(args.apply)
+    except ValueError as exc:
+        raise ValueError(f"--apply {args.apply}: {exc}") from None
+    write_nifti(out, warp_file(args.image, u, affine, nearest=args.nearest), affine)
+    sys.stdout.write(f"wrote {out} ({Path(args.image).name} warped with {Path(args.apply).name}, "
+                     f"{'nearest' if args.nearest else 'linear'})\n")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -25,9 +25,12 @@ __all__ = [
     "atomic_write_bytes",
     "check_unique_disp_names",
     "disp_filename",
+    "nifti_bytes",
     "read_displacement",
+    "read_displacement_grid",
     "remove_stale_temporaries",
     "write_displacement",
+    "write_nifti",
     "write_pair_displacement",
 ]
 
@@ -143,11 +146,45 @@ def write_displacement(
         img.header.set_slope_inter(slope, 0.0)
     else:
         img = nib.Nifti1Image(data, aff)
+    return atomic_write_bytes(path, nifti_bytes(img, path))
+
+
+def nifti_bytes(img: nib.Nifti1Image, path: str | Path) -> bytes:
+    """The bytes of ``img`` as a file named ``path`` (units set to mm; gzip-compressed for ``.gz`` names as
+    nibabel does, level 1, but with no time stamp: identical runs write identical files)."""
     img.header.set_xyzt_units("mm")
     data = img.to_bytes()
-    if path.name.endswith(".gz"):  # gzip as nibabel does (level 1), with no time stamp: identical runs, identical files
+    if str(path).endswith(".gz"):
         data = gzip.compress(data, compresslevel=1, mtime=0)
-    return atomic_write_bytes(path, data)
+    return data
+
+
+def write_nifti(
+    path: str | Path,
+    array: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    *,
+    intent: int | None = None,
+) -> Path:
+    """Write ``array`` (any shape nibabel stores, in its dtype; e.g. an image ``(*S)`` or an ITK vector field
+    ``(X, Y, Z, 1, 3)``) with the voxel-to-world ``affine`` ``(4, 4)`` (mm) to a NIfTI file, atomically
+    (:func:`atomic_write_bytes`). ``intent``: the NIfTI intent code to record (e.g. 1007, vector).
+    Returns ``path``."""
+    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    aff = np.asarray(affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else affine,
+                     dtype=np.float64)
+    if aff.shape != (4, 4):
+        raise ValueError(f"affine for {path} must be (4, 4); got {aff.shape}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype in (np.int64, np.uint64):  # nibabel refuses 64-bit integers by default; labels fit in 32 bits
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"values for {path} do not fit in int32: [{arr.min()}, {arr.max()}]")
+        arr = arr.astype(np.int32)
+    img = nib.Nifti1Image(np.ascontiguousarray(arr), aff)
+    if intent is not None:
+        img.header["intent_code"] = int(intent)
+    return atomic_write_bytes(path, nifti_bytes(img, path))
 
 
 def write_pair_displacement(
@@ -176,3 +213,10 @@ def read_displacement(path: str | Path) -> torch.Tensor:
         )
     data = np.asarray(img.get_fdata(dtype=np.float32))
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(data, -1, 0)))
+
+
+def read_displacement_grid(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`read_displacement` plus the file's affine: ``(u (n, *S) float32 voxel units, (4, 4) float64
+    voxel-to-world affine of the fixed grid)``."""
+    u = read_displacement(path)
+    return u, np.asarray(nib.load(str(path)).affine, dtype=np.float64)
