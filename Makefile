@@ -4,6 +4,9 @@
 #   make test TORCH="torch==2.13.0"                 (default: a CPU build, from a local wheel where one exists)
 #   make test TORCH="torch --index-url https://download.pytorch.org/whl/cu124"   (a CUDA build)
 # Extra pip arguments for the package install: make test PIP_EXTRA="--no-deps"
+# make gpu-check : on a GPU machine (PyTorch, CUDA, cupy, Lightning; no venv is made): GPU tests, GN-layer
+#   benchmark with both backends, eval.py on BrainPair -> benchmarks/results/gpu.md, within ~8 minutes. Stage the
+#   missing wheels and the data first where pip works: bash benchmarks/gpu_check.sh --stage (see the script).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -12,7 +15,7 @@ PIP_EXTRA ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo install lint bench clean
+.PHONY: test test-all demo install lint bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +53,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/gn_layer.py
+
+gpu-check:
+	PYTHON="$(PYTHON)" bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

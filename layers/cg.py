@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -204,6 +205,24 @@ def _cupy_tol_keyword(cg_fn) -> str:
     return "rtol" if "rtol" in params else "tol"
 
 
+def _cupy_stream(cupy, device: torch.device):
+    """A context manager that makes cupy work on ``device`` and on torch's current stream there, so that cupy's
+    kernels are ordered with torch's (DLPack hands arrays over without copies or extra synchronisation).
+
+    Raises ``ValueError`` at once (not on entering) for a non-CUDA device.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"b must be a CUDA tensor for the cupy backend; got device {device}")
+    return _on_torch_stream(cupy, device)
+
+
+@contextlib.contextmanager
+def _on_torch_stream(cupy, device: torch.device):
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+        yield
+
+
 def cg_cupy(
     A: torch.Tensor,
     b: torch.Tensor,
@@ -238,19 +257,17 @@ def cg_cupy(
     cupy, _, cpx_linalg = mods
     from .laplacian import csr_to_cupy, torch_to_cupy
 
-    if b.device.type != "cuda":
-        raise ValueError(f"b must be a CUDA tensor for the cupy backend; got device {b.device}")
-    b = b.contiguous()
+    stream_context = _cupy_stream(cupy, b.device)  # raises for a non-CUDA b
+    b = b.detach().contiguous()  # not differentiable here (gn_solve differentiates implicitly)
     bnorm = float(torch.linalg.vector_norm(b))
     if bnorm == 0.0:
         return torch.zeros_like(b), 0, 0.0, True
-    stream = torch.cuda.current_stream(b.device)
     count = [0]
 
     def callback(_xk) -> None:
         count[0] += 1
 
-    with cupy.cuda.Device(b.device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with stream_context:
         a_cp = csr_to_cupy(A)
         m_cp = csr_to_cupy(M) if M is not None else None
         b_cp = torch_to_cupy(b)

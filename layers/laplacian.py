@@ -197,9 +197,23 @@ def _import_cupy_sparse():
 
 
 def torch_to_cupy(t: torch.Tensor):
-    """Zero-copy view of a CUDA tensor as a cupy array (DLPack)."""
+    """Zero-copy view of a CUDA tensor as a cupy array (DLPack).
+
+    Args:
+        t: CUDA tensor of any shape and dtype; it may require grad.
+
+    Returns:
+        a cupy array sharing ``t``'s memory (no copy): writes through either are seen by the other, and
+        autograd does not see what cupy does with it.
+
+    The export is made from ``t.detach()``, a view of the same storage that does not require grad:
+    ``Tensor.__dlpack__`` refuses tensors that require grad (``BufferError``), and inside the GN solve's
+    autograd function the right-hand side ``b`` (and views of it) still require grad. Gradients are not lost:
+    the solve's backward is implicit (DESIGN.md §3) and never differentiates through cupy.
+    """
     import cupy
 
+    t = t.detach()
     if hasattr(cupy, "from_dlpack"):
         return cupy.from_dlpack(t)
     return cupy.fromDlpack(torch.utils.dlpack.to_dlpack(t))  # cupy < 10
@@ -209,7 +223,8 @@ def csr_to_cupy(a: torch.Tensor):
     """Zero-copy conversion of a CUDA torch sparse CSR tensor to ``cupyx.scipy.sparse.csr_matrix``.
 
     The cupy matrix shares ``crow_indices``/``col_indices``/``values`` memory with ``a`` through DLPack
-    (indices must be int32, as produced by this module). Requires cupy; raises ``ImportError`` otherwise.
+    (indices must be int32, as produced by this module; ``a`` may require grad, see :func:`torch_to_cupy`).
+    Requires cupy; raises ``ImportError`` otherwise.
     """
     _, cpx_sparse = _import_cupy_sparse()
     if a.layout != torch.sparse_csr:

@@ -288,7 +288,11 @@ def differentiable_adam(
         for t0 in range(0, steps, seg):
             chunk = lrs[t0 : t0 + seg]
             if create_graph and checkpoint_every > 0:
-                delta, m, v = checkpoint(_adam_segment, t0, *consts, delta, m, v, chunk, use_reentrant=False)
+                # the segment draws no random numbers: not stashing RNG states keeps the recomputation
+                # independent of the process's CUDA state (checkpoint otherwise saves/restores device RNG
+                # states when CUDA is initialised and refuses a CUDA initialisation inside the segment)
+                delta, m, v = checkpoint(_adam_segment, t0, *consts, delta, m, v, chunk, use_reentrant=False,
+                                         preserve_rng_state=False)
             else:
                 delta, m, v = _adam_segment(t0, *consts, delta, m, v, chunk)
             if return_path and t0 + seg < steps:

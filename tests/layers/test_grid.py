@@ -250,7 +250,9 @@ def test_automatic_slabs_with_threads_equal_one_call(two_threads):
                             slabs=1)
     grad_plain, = torch.autograd.grad((plain * weights).sum(), u)
     _close(auto, plain)
-    _close(grad_auto, grad_plain)
+    # per-slab accumulation of the image gradient sums the same float64 terms (about 8² per voxel) in another
+    # order: ~1e-14 of the largest gradient (measured 9e-15); 1e-12 of it leaves a wide margin
+    _close(grad_auto, grad_plain, atol=1e-12 * float(grad_plain.abs().max()))
     feats = torch.rand(1, 4, *shape, generator=g, dtype=F64).contiguous(memory_format=torch.channels_last_3d)
     coords = torch.movedim(identity_grid(shape, dtype=F64) + u.detach(), 1, -1)  # non-contiguous after movedim
     grid = to_normalised(coords, shape)

@@ -74,21 +74,42 @@ def test_film_is_the_identity_at_initialisation():
     assert torch.equal(jac, ref_j) and torch.equal(res, ref_f)
 
 
+def _float64(batch: dict) -> dict:
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+
 def test_untrained_hypernet_equals_learngn_at_every_lambda(data):
-    batch = collate_pairs(data["test"][:2])
-    model = HyperLearnGN(**RANGE, **GN)
+    """At initialisation the λ-conditioned model is LearnGN at every λ, in two parts (float64):
+
+    * its λ schedule ``exp(log λ)·r_t`` equals LearnGN's geometric schedule ``lam → lam/2`` up to float32
+      rounding (``run`` takes ``log λ`` as a float32 tensor and exponentiates it in float32; both schedules'
+      buffers are float32): ``|log λ|·2⁻²⁴`` from ``log λ``, one float32 ulp (2·2⁻²⁴) from ``exp``, 2⁻²⁴ from
+      each schedule buffer, so ``(|log λ| + 4)·2⁻²⁴`` relative;
+    * given the same λ values, the FiLM-conditioned heads (scale 1, shift 0) give LearnGN's field: two float64
+      computations of the same numbers (they differ by rounding at most: ~1e-15 voxels; 1e-9 leaves a wide
+      margin).
+
+    Comparing the fields of the two λ schedules directly mixes in the float32 λ difference, which the GN solves
+    amplify most at small λ (7e-6 voxels in float64 and 1.8e-4 in float32 at λ = 3e-4, where the earlier
+    float32 version of this test failed on some machines)."""
+    batch = _float64(collate_pairs(data["test"][:2]))
+    model = HyperLearnGN(**RANGE, **GN).double()
+    seen = {}
+    model.gn.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(lam=kwargs["lam"] if "lam" in kwargs else args[3]), with_kwargs=True)
     for lam in (3e-4, 3e-3, 3e-2):
-        ref = LearnGN(**{**GN, "lam_start": lam, "lam_end": lam / 2})
-        u = model.run(batch, log_lam=math.log(lam)).disp
-        torch.testing.assert_close(u, ref.register(batch), rtol=1e-4, atol=1e-4)
-    # one λ per batch item equals the items run separately
-    lams = torch.tensor([1e-3, 1e-2])
+        ref = LearnGN(**{**GN, "lam_start": lam, "lam_end": lam / 2}).double()
+        model.run(batch, log_lam=math.log(lam))
+        torch.testing.assert_close(seen["lam"], ref.gn.lam_schedule, rtol=(abs(math.log(lam)) + 4) * 2**-24, atol=0)
+        u = model.run(batch, lam=ref.gn.lam_schedule, log_lam=math.log(lam)).disp
+        assert u.dtype == torch.float64
+        torch.testing.assert_close(u, ref.register(batch), rtol=0, atol=1e-9)
+    # one λ per batch item equals the items run separately (float64: the same numbers up to rounding)
+    lams = torch.tensor([1e-3, 1e-2], dtype=torch.float64)
     u = model.run(batch, log_lam=lams.log()).disp
     for i in range(2):
         one = {k: (v[i : i + 1] if torch.is_tensor(v) else v[i : i + 1]) for k, v in batch.items()}
-        torch.testing.assert_close(
-            u[i : i + 1], model.run(one, log_lam=lams[i].log()).disp, rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(u[i : i + 1], model.run(one, log_lam=lams[i].log()).disp, rtol=0, atol=1e-9)
 
 
 def test_lambda_draws_cover_the_range_and_its_ends():
@@ -185,3 +206,29 @@ def test_resolve_lambda(data, tmp_path):
     torch.testing.assert_close(warm.heads.f_head.first.weight, plain.heads.f_head.first.weight)
     with pytest.raises(ValueError, match="learn_schedule"):
         HyperLearnGN(learn_schedule=True, **RANGE, **GN)
+
+
+@pytest.mark.parametrize("variant", ["fixed", "learned", "bilevel", "hyper"])
+def test_lam_override_reaches_the_registration_of_every_variant(data, variant):
+    """``eval.py --lam`` (resolve_lambda) changes what every LearnGN variant registers with: the field equals a
+    run with the rescaled schedule passed explicitly, and differs from the unscaled one."""
+    from lightning_modules.hyper import BilevelLearnGN
+
+    if variant == "hyper":
+        model = HyperLearnGN(**RANGE, **GN)
+    elif variant == "bilevel":
+        model = BilevelLearnGN(**GN)
+    else:
+        model = LearnGN(learn_schedule=variant == "learned", **GN)
+    model = model.double()
+    batch = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+             for k, v in collate_pairs(data["val"][:1]).items()}
+    with torch.no_grad():
+        before = model.register(batch)
+        resolve_lambda(model, 4 * current_lambda(model))
+        after = model.register(batch)
+        if variant != "hyper":
+            schedule = LearnGN(**GN).gn.lam_schedule.double() * 4
+            torch.testing.assert_close(model.lam_values().double(), schedule)
+            torch.testing.assert_close(after, model.run(batch, lam=schedule).disp)
+    assert (after - before).abs().max() > 1e-3

@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# GPU check of issue 13, in one run of about 8 minutes at most, written to benchmarks/results/gpu.md:
+#
+#   1. packages: MONAI, nibabel and jsonargparse[signatures] are installed from carried wheels when missing
+#      (a bare GPU machine has PyTorch, CUDA, cupy and Lightning but not these; nothing can be downloaded there);
+#   2. the GPU tests: `pytest -m gpu` (cupy glue, solves, a LearnGN training step per backend against the CPU,
+#      train.py fit and eval.py on CUDA);
+#   3. the platform check: the tests that failed on a many-core GPU machine (test_hyper_schedule.py,
+#      test_hyper_hypernet.py) under `pytest -n 8` with 16 torch threads per test (needs pytest-xdist);
+#   4. benchmarks/gn_layer.py on cuda with both backends (torch, cupy), against the targets of issue 13;
+#   5. eval.py on BrainPair (handcrafted GN on MIND, configs/baselines/gn_mind.yaml) on the GPU with the cupy
+#      and the torch backend, when the data is found;
+#   6. benchmarks/train_step.py --device cuda --out FILE, when that script exists.
+#
+# Every step is bounded by the remaining time budget; a step that fails or is skipped is reported as such and
+# the script goes on. Without CUDA (a dry run) the GPU steps report "no CUDA" and the report goes to a scratch
+# folder, marked as a dry run, not to benchmarks/results/gpu.md.
+#
+# Usage
+#   bash benchmarks/gpu_check.sh --stage   # here, where pip reaches the package index: download the wheels into
+#                                          # .whl/ and copy BrainPair into .gpu_data/ (both git-ignored)
+#   bash benchmarks/gpu_check.sh           # on the GPU machine (or: make gpu-check)
+# With the workplace's device tool: run `bash benchmarks/gpu_check.sh` with carry [".whl", ".gpu_data"]; the
+# report and the log are also copied to $OUT when it is set.
+#
+# Environment
+#   PYTHON            interpreter that has torch (default: python3)
+#   WHEELS            folder of carried wheels (default: .whl)
+#   L2O_SHARED_DATA   data root holding BrainPair/ (default: .gpu_data when it exists, else ../shared/data)
+#   GPU_CHECK_MD      report path (default: benchmarks/results/gpu.md with CUDA, <scratch>/gpu.md without)
+#   GPU_CHECK_WORK    scratch folder for outputs and logs (default: a new temporary folder)
+#   GPU_CHECK_BUDGET  seconds for the whole check (default: 470)
+#   GPU_CHECK_STEPS   steps to run, a subset of "tests platform gn_layer eval train_step" (default: all)
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+PYTHON=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+BUDGET=${GPU_CHECK_BUDGET:-470}
+STEPS=${GPU_CHECK_STEPS:-"tests platform gn_layer eval train_step"}
+# the pure-Python packages a bare GPU image lacks (jsonargparse[signatures] = docstring-parser + typeshed-client;
+# typing-extensions, PyYAML, packaging and numpy are there); versions: the ones this project is developed with
+STAGE_PACKAGES="monai nibabel jsonargparse docstring-parser typeshed-client"
+
+# ------------------------------------------------------------------------------------------------ staging
+if [ "${1:-}" = "--stage" ]; then
+    mkdir -p "$WHEELS" .gpu_data
+    exclude=$(git rev-parse --git-path info/exclude 2>/dev/null)
+    for dir in "$WHEELS" .gpu_data; do  # carried to the GPU machine, never committed: ignored locally
+        if ! git check-ignore -q "$dir" 2>/dev/null && [ -n "$exclude" ]; then
+            mkdir -p "$(dirname "$exclude")" && echo "/$dir/" >> "$exclude"
+        fi
+    done
+    for name in $STAGE_PACKAGES; do
+        version=$("$PYTHON" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null)
+        spec=$name${version:+==$version}
+        rm -f "$WHEELS/$(echo "$name" | tr - _)"-*.whl "$WHEELS/$name"-*.whl
+        "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHEELS" "$spec" || exit 1
+    done
+    data=${L2O_SHARED_DATA:-../shared/data}
+    if [ -d "$data/BrainPair" ]; then
+        rm -rf .gpu_data/BrainPair && cp -r "$data/BrainPair" .gpu_data/ && chmod -R u+w .gpu_data
+    else
+        echo "no BrainPair under $data: eval.py on BrainPair will be skipped on the GPU machine"
+    fi
+    ls -l "$WHEELS"
+    du -sh "$WHEELS" .gpu_data
+    echo "carry: [\"$WHEELS\", \".gpu_data\"]; command: bash benchmarks/gpu_check.sh"
+    exit 0
+fi
+
+# ------------------------------------------------------------------------------------------------ helpers
+WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$WORK"
+LOG=$WORK/gpu_check.log
+: > "$LOG"
+START=$SECONDS
+BODY=$WORK/body.md
+: > "$BODY"
+
+say() { echo "$*" | tee -a "$LOG"; }
+md() { printf '%s\n' "$@" >> "$BODY"; }
+remaining() { echo $((BUDGET - (SECONDS - START))); }
+wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# bounded() CAP CMD...: run CMD with a timeout of min(CAP, remaining budget - 5 s); output appended to $LOG and
+# kept in $WORK/last.out; returns the command's status (124 on timeout, 125 when no time is left)
+bounded() {
+    local cap=$1 left
+    shift
+    left=$(($(remaining) - 5))
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -le 10 ]; then
+        echo "(no time left in the budget)" > "$WORK/last.out"
+        return 125
+    fi
+    say "\$ $* (timeout ${cap}s)"
+    timeout --kill-after=10 "$cap" "$@" > "$WORK/last.out" 2>&1
+    local rc=$?
+    cat "$WORK/last.out" >> "$LOG"
+    return $rc
+}
+status_word() {  # status_word RC
+    case $1 in 0) echo "ok" ;; 124|137) echo "TIMEOUT" ;; 125) echo "SKIPPED (budget spent)" ;; *) echo "FAILED (exit $1)" ;; esac
+}
+pytest_summary() {  # the closing line of a pytest run in $WORK/last.out
+    grep -E "(passed|failed|skipped|error|no tests ran)" "$WORK/last.out" | grep -E " in [0-9.]+s" | tail -n 1
+}
+tail_block() {  # tail_block N: the last N lines of $WORK/last.out as a fenced block in the report
+    md '```' "$(tail -n "$1" "$WORK/last.out")" '```'
+}
+
+# ------------------------------------------------------------------------------------------------ packages
+say "== packages ($(date -u +%FT%TZ))"
+check_imports() {
+    "$PYTHON" - <<'EOF'
+import importlib
+missing = []
+for name in ("torch", "lightning", "monai", "nibabel", "jsonargparse", "docstring_parser", "typeshed_client"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001
+        missing.append(f"{name} ({type(exc).__name__})")
+print(" ".join(missing))
+EOF
+}
+missing=$(check_imports)
+installed=""
+if [ -n "$missing" ]; then
+    say "missing: $missing"
+    if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+        SITE=${GPU_CHECK_SITE:-/tmp/l2o_site}
+        if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$WHEELS"/*.whl >> "$LOG" 2>&1; then
+            export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+            installed=$(cd "$WHEELS" && ls ./*.whl | sed 's|^\./||' | tr '\n' ' ')
+            missing=$(check_imports)
+        else
+            say "pip install from $WHEELS failed (see the log)"
+        fi
+    else
+        say "no wheels in $WHEELS (stage them with: bash benchmarks/gpu_check.sh --stage)"
+    fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+DEVICE_INFO=$("$PYTHON" - <<'EOF' 2>&1
+import platform
+import torch
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+try:
+    import lightning
+    print(f"lightning {lightning.__version__}")
+except Exception as exc:  # noqa: BLE001
+    print(f"lightning: {type(exc).__name__}")
+try:
+    import cupy
+    print(f"cupy {cupy.__version__}")
+except Exception as exc:  # noqa: BLE001
+    print(f"cupy: not importable ({type(exc).__name__})")
+try:
+    from layers.cg import cupy_available
+    print(f"cupy backend usable: {cupy_available()}")
+except Exception as exc:  # noqa: BLE001
+    print(f"layers.cg: {type(exc).__name__}: {exc}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU: {torch.cuda.get_device_name(0)}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, "
+          f"compute capability {p.major}.{p.minor}")
+else:
+    print("GPU: no CUDA")
+EOF
+)
+if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    HAVE_CUDA=1
+else
+    HAVE_CUDA=0
+fi
+DRIVER=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
+CPU=$(grep -m1 "model name" /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')
+say "$DEVICE_INFO"
+say "nvidia-smi: ${DRIVER:-n/a}; CPU: ${CPU:-?}, $(nproc) cores"
+if [ -n "${GPU_CHECK_MD:-}" ]; then
+    REPORT=$GPU_CHECK_MD
+elif [ "$HAVE_CUDA" = 1 ]; then
+    REPORT=$ROOT/benchmarks/results/gpu.md
+else
+    REPORT=$WORK/gpu.md
+fi
+
+md "## Setup" ""
+md "- device: $(echo "$DEVICE_INFO" | grep '^GPU' | sed 's/^GPU: //')" \
+   "- nvidia-smi: ${DRIVER:-n/a}" \
+   "- CPU: ${CPU:-?}, $(nproc) logical cores" \
+   "- software: $(echo "$DEVICE_INFO" | grep -v '^GPU' | tr '\n' ';' | sed 's/;$//; s/;/; /g')" \
+   "- installed from carried wheels: ${installed:-none needed}" \
+   "- still missing: ${missing:-nothing}" ""
+
+# ------------------------------------------------------------------------------------------------ 2. GPU tests
+if wants tests; then
+    say "== GPU tests"
+    md "## GPU tests (\`pytest -m gpu\`)" ""
+    if [ "$HAVE_CUDA" = 0 ]; then
+        md "no CUDA: the GPU tests only show that they skip cleanly." ""
+    fi
+    bounded 200 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=8 tests
+    rc=$?
+    md "- status: $(status_word $rc); result: \`$(pytest_summary)\`" ""
+    tail_block 40
+    md ""
+fi
+
+# ------------------------------------------------------------------------------------------------ 3. platform
+if wants platform; then
+    say "== platform check (pytest -n 8, 16 threads per test)"
+    md "## Platform check (\`L2O_TEST_THREADS=16 pytest -n 8\`, schedule and hypernetwork tests)" ""
+    if "$PYTHON" -c "import xdist" 2>/dev/null; then
+        bounded 150 env L2O_TEST_THREADS=16 "$PYTHON" -m pytest -q -n 8 -p no:cacheprovider \
+            tests/lightning_modules/test_hyper_schedule.py tests/lightning_modules/test_hyper_hypernet.py
+        rc=$?
+        md "- status: $(status_word $rc); result: \`$(pytest_summary)\`" ""
+        [ "$rc" = 0 ] || tail_block 40
+    else
+        md "- SKIPPED: pytest-xdist is not installed" ""
+    fi
+    md ""
+fi
+
+# ------------------------------------------------------------------------------------------------ 4. GN layer
+if wants gn_layer; then
+    say "== GN layer benchmark"
+    md "## GN solve (\`benchmarks/gn_layer.py --device cuda\`, both backends)" ""
+    if [ "$HAVE_CUDA" = 0 ]; then
+        md "- no CUDA: not run" ""
+    else
+        bounded 170 "$PYTHON" benchmarks/gn_layer.py --device cuda --out "$WORK/gn_layer_gpu.md"
+        rc=$?
+        cp "$WORK/last.out" "$WORK/gn_layer_gpu.log"
+        md "- status: $(status_word $rc)" ""
+        "$PYTHON" - "$WORK/gn_layer_gpu.log" >> "$BODY" 2>> "$LOG" <<'EOF'
+import json
+import sys
+
+rows = []
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+before = {"torch": (11.5, 20.6), "cupy": (13.5, 29.9)}  # issue 13, H200, code as on main then (median)
+print("Against the targets of issue 13 at 56×48×56 (full coupling, float32, rtol 1e-3): forward ≤ 2 ms, "
+      "forward+backward ≤ 4 ms. `before` = the figures in the issue (H200, torch 2.11).")
+print()
+print("| grid | backend | fwd ms | fwd+bwd ms | its | bwd its | rel. res. | target fwd / fwd+bwd | met | before (issue) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    big = r["grid"] == "56×48×56"
+    met = ("yes" if r["fwd_ms"] <= 2.0 and r["fwd_bwd_ms"] <= 4.0 else "no") if big else ""
+    prev = before.get(r["backend"]) if big else None
+    print(f"| {r['grid']} | {r['backend']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['its']} | "
+          f"{r['its_bwd']} | {r['rel_res']:.2e} | {'2 / 4' if big else ''} | {met} | "
+          f"{f'{prev[0]} / {prev[1]}' if prev else ''} |")
+print()
+EOF
+        if [ -f "$WORK/gn_layer_gpu.md" ]; then
+            md "Full table (written by the benchmark):" ""
+            sed -n '/^| grid/,$p' "$WORK/gn_layer_gpu.md" >> "$BODY"
+        else
+            tail_block 30
+        fi
+        md ""
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------ 5. BrainPair
+if wants eval; then
+    say "== eval.py on BrainPair"
+    md "## eval.py on BrainPair (handcrafted GN, \`configs/baselines/gn_mind.yaml\`, both directions)" ""
+    DATA=${L2O_SHARED_DATA:-}
+    if [ -z "$DATA" ]; then
+        if [ -d .gpu_data/BrainPair ]; then DATA=.gpu_data; else DATA=../shared/data; fi
+    fi
+    JSON=$DATA/BrainPair/BrainPair_dataset.json
+    if [ "$HAVE_CUDA" = 0 ]; then
+        md "- no CUDA: not run" ""
+    elif [ ! -f "$JSON" ]; then
+        md "- SKIPPED: no BrainPair at $DATA (stage it with \`bash benchmarks/gpu_check.sh --stage\` and carry .gpu_data)" ""
+    else
+        md "CPU reference (\`benchmarks/results/baselines.md\`, 2 CPU cores): Dice 0.6804, SDlogJ 0.177, 6.4 s per pair." \
+           "\`s/pair\` is the registration alone (summary.json \`seconds\`), \`wall s\` the whole eval.py command." "" \
+           "| backend | pairs | failed | Dice | SDlogJ | folding | s/pair | wall s | status |" \
+           "|---|---|---|---|---|---|---|---|---|"
+        for backend in cupy torch; do
+            out=$WORK/brainpair_gn_$backend
+            t0=$(date +%s%N)
+            bounded 100 "$PYTHON" eval.py --method gn --method-config configs/baselines/gn_mind.yaml \
+                --method-arg "solver={backend: $backend}" --data "$JSON" --split val --out "$out" --overwrite \
+                --accelerator gpu --devices 1
+            rc=$?
+            ms=$((($(date +%s%N) - t0) / 1000000))
+            wall=$(printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100)))
+            row=$("$PYTHON" - "$out/summary.json" <<'EOF' 2>/dev/null
+import json
+import sys
+
+s = json.load(open(sys.argv[1]))
+m = s["metrics"]
+
+
+def f(key, fmt):
+    return "n/a" if m.get(key) is None else format(m[key], fmt)
+
+
+print(f"{s['n_pairs']} | {s['n_failed']} | {f('dice', '.4f')} | {f('sdlogj', '.3f')} | {f('folding', '.4f')} | "
+      f"{f('seconds', '.2f')}")
+EOF
+)
+            md "| $backend | ${row:-n/a | n/a | n/a | n/a | n/a | n/a} | ${wall} | $(status_word $rc) |"
+            [ "$rc" = 0 ] || cp "$WORK/last.out" "$WORK/brainpair_$backend.err"
+        done
+        md ""
+        for backend in cupy torch; do
+            if [ -f "$WORK/brainpair_$backend.err" ]; then
+                md "$backend backend, end of the output:" '```' "$(tail -n 25 "$WORK/brainpair_$backend.err")" '```' ""
+            fi
+        done
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------ 6. training step
+if wants train_step; then
+    if [ -f benchmarks/train_step.py ]; then
+        say "== training-step benchmark"
+        md "## Training step (\`benchmarks/train_step.py --device cuda\`)" ""
+        if [ "$HAVE_CUDA" = 0 ]; then
+            md "- no CUDA: not run" ""
+        else
+            bounded 150 "$PYTHON" benchmarks/train_step.py --device cuda --out "$WORK/train_step_gpu.md"
+            rc=$?
+            md "- status: $(status_word $rc)" ""
+            if [ -f "$WORK/train_step_gpu.md" ]; then
+                cat "$WORK/train_step_gpu.md" >> "$BODY"
+            else
+                tail_block 30
+            fi
+            md ""
+        fi
+    fi
+fi
+
+# ------------------------------------------------------------------------------------------------ report
+ELAPSED=$((SECONDS - START))
+{
+    echo "# GPU check (\`benchmarks/gpu_check.sh\`)"
+    echo
+    if [ "$HAVE_CUDA" = 0 ]; then
+        echo "**DRY RUN without CUDA: not a GPU result.** The GPU steps report \"no CUDA\"; only the packages, the"
+        echo "skipping of the GPU tests and the CPU platform check ran."
+        echo
+    fi
+    echo "Written by \`benchmarks/gpu_check.sh\` on $(date -u +%F) in ${ELAPSED} s (budget ${BUDGET} s); do not edit by hand."
+    echo
+    cat "$BODY"
+} > "$WORK/gpu.md"
+mkdir -p "$(dirname "$REPORT")"
+[ "$REPORT" = "$WORK/gpu.md" ] || cp "$WORK/gpu.md" "$REPORT"
+say "report: $REPORT (${ELAPSED} s); log: $LOG"
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    cp "$WORK/gpu.md" "$LOG" "$OUT/" 2>/dev/null
+    [ -f "$WORK/gn_layer_gpu.md" ] && cp "$WORK/gn_layer_gpu.md" "$OUT/"
+fi
+exit 0
