@@ -9,6 +9,7 @@ the field *after* the last update.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,24 @@ class LearnGN(RegistrationModule):
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.run(batch).disp
+
+    def lam_values(self) -> torch.Tensor:
+        """λ per GN iteration ``(K,)`` that :meth:`run` uses: the learned schedule (``learn_schedule``) or the
+        fixed geometric one."""
+        return self.log_lam.exp() if self.log_lam is not None else self.gn.lam_schedule
+
+    @torch.no_grad()
+    def set_lambda(self, lam: float) -> None:
+        """Rescale the λ schedule (learned or fixed) so that its first-iteration value is ``lam`` (shape kept;
+        ``eval.py --lam``)."""
+        lam = float(lam)
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"λ must be a finite positive number; got {lam}")
+        ratio = lam / float(self.lam_values()[0])
+        if self.log_lam is not None:
+            self.log_lam.add_(math.log(ratio))
+        else:
+            self.gn.lam_schedule.mul_(ratio)
 
     # --- training ------------------------------------------------------------------------------------------
     def _label_ids(self, batch: dict[str, Any]) -> list[int]:

@@ -33,7 +33,7 @@ from lightning_modules.base import check_number
 from lightning_modules.checkpoint import model_from_checkpoint
 from lightning_modules.learngn import LearnGN
 
-from .bilevel import BilevelLearnGN, load_compatible_weights
+from .bilevel import load_compatible_weights
 from .objectives import GUARDS, outer_loss, schedule_ratio
 
 log = logging.getLogger(__name__)
@@ -207,18 +207,14 @@ def current_lambda(model: LearnGN) -> float:
     """The first-iteration λ a LearnGN / BilevelLearnGN / HyperLearnGN model registers with."""
     if isinstance(model, HyperLearnGN):
         return model.lam
-    if isinstance(model, BilevelLearnGN):
-        return float(model.lam_values()[0].detach())
-    return float(model.gn.lam_schedule[0])
+    return float(model.lam_values()[0].detach())
 
 
 def _ratio(model: LearnGN) -> torch.Tensor:
     """Shape ``r_t`` ``(K,)`` of the model's current λ schedule."""
     if isinstance(model, HyperLearnGN):
         return model.lam_ratio
-    if isinstance(model, BilevelLearnGN):
-        return schedule_ratio(model.lam_values().detach())
-    return schedule_ratio(model.gn.lam_schedule)
+    return schedule_ratio(model.lam_values().detach())
 
 
 def run_with_log_lam(model: LearnGN, batch: dict[str, Any], log_lam: torch.Tensor) -> torch.Tensor:
@@ -236,10 +232,7 @@ def apply_lambda(model: LearnGN, lam: float) -> None:
     lam = float(lam)
     if not lam > 0:
         raise ValueError(f"λ must be > 0; got {lam}")
-    if isinstance(model, (HyperLearnGN, BilevelLearnGN)):
-        model.set_lambda(lam)
-    else:
-        model.gn.lam_schedule.mul_(lam / current_lambda(model))
+    model.set_lambda(lam)
 
 
 @dataclass
