@@ -1,4 +1,4 @@
-"""Hold-out evaluation of a trained model or a baseline (DESIGN.md §9).
+"""Hold-out evaluation of a trained model or a baseline (docs/design.md §9).
 
     python eval.py --method learngn --ckpt runs/x/checkpoints/last.ckpt --split test --out runs/eval/learngn
     python eval.py --method gn --data synthetic2d --split test --out runs/eval/gn

@@ -1,4 +1,4 @@
-"""Probes of baseline settings (issue 5: which settings reach Dice 0.72, and at what regularity?).
+"""Probes of baseline settings (which settings reach Dice 0.72, and at what regularity?).
 
     python benchmarks/baseline_probes.py [--threads 2]
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = brainpair_batches(shared_data_root())
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     lines = [
-        "# Baseline probes (issue 5)",
+        "# Baseline probes",
         "",
         f"Command: `python benchmarks/baseline_probes.py --threads {args.threads}`; torch {torch.__version__}, "
         f"{args.threads} threads; started {started}.",

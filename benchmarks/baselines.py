@@ -1,4 +1,4 @@
-"""Benchmark of the evaluation-only baselines (issue 5): accuracy, regularity and time per pair.
+"""Benchmark of the evaluation-only baselines: accuracy, regularity and time per pair.
 
     python benchmarks/baselines.py                       # BrainPair (both directions) + 3 synthetic 3D pairs
     python benchmarks/baselines.py --threads 2 --synthetic 3 --methods identity gn adam convexadam
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = " ".join(sys.argv[1:] if argv is None else argv)
     out: list[str] = [
-        "# Baselines benchmark (issue 5)",
+        "# Baselines benchmark",
         "",
         f"Command: `python benchmarks/{Path(__file__).name} {command}`",
         "",

@@ -1,6 +1,6 @@
 """Random smooth fields: Gaussian-smoothed noise and large diffeomorphic displacements.
 
-Displacements follow DESIGN.md §2: ``u`` ``(1, n, *S)`` in voxel units, channel ``i`` along array axis ``i``.
+Displacements follow docs/design.md §2: ``u`` ``(1, n, *S)`` in voxel units, channel ``i`` along array axis ``i``.
 They are the exponential of a stationary velocity field (Gaussian-smoothed noise on a coarse working grid),
 integrated by scaling and squaring with :func:`layers.warp.compose`, then resized to full resolution with
 :func:`layers.grid.resize_field`; the velocity is rescaled until the largest displacement norm hits the

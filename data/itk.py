@@ -1,7 +1,7 @@
 """ITK / ANTs displacement fields: the project's field converted to physical units and ITK's LPS frame.
 
 The project's displacement ``u`` ``(n, *S)`` is in voxel units of the fixed grid (channel ``i`` along array
-axis ``i``; DESIGN.md §2): fixed voxel ``x`` corresponds to the point at voxel position ``x + u(x)`` of the
+axis ``i``; docs/design.md §2): fixed voxel ``x`` corresponds to the point at voxel position ``x + u(x)`` of the
 fixed grid, i.e. to the world point ``A (x + u(x))`` with ``A`` the fixed image's NIfTI voxel-to-world affine
 (RAS+, mm). ITK's displacement fields are in **physical units (mm) in the LPS frame**, on the fixed image's
 grid: the transform maps the physical point ``p`` to ``p + d(p)``. Hence, per voxel,

@@ -7,7 +7,7 @@
   :mod:`data.batch` on the fixed grid. When both files share the grid (same shape and affine) nothing is
   resampled and the sample equals the one :class:`data.learn2reg.Learn2RegDataset` serves for that pair.
 * :func:`warp_file` maps an image file in the moving image's space onto the fixed grid with a displacement
-  ``u`` ``(n, *S)`` (voxel units, fixed grid; DESIGN.md §2): the image is resampled onto the fixed grid from its
+  ``u`` ``(n, *S)`` (voxel units, fixed grid; docs/design.md §2): the image is resampled onto the fixed grid from its
   affine and warped with :func:`layers.warp.warp_image` (linear) or :func:`layers.warp.warp_labels` (nearest).
   The registration's ``warped.nii.gz`` and ``eval.py --apply`` both go through it, so applying a saved field
   reproduces the registration's output exactly.
@@ -181,7 +181,7 @@ def warp_file(
 
     Args:
         image: the file (raw intensities or a label map; not normalised).
-        u: ``(n, *S)`` displacement in voxel units of the fixed grid ``S`` (DESIGN.md §2).
+        u: ``(n, *S)`` displacement in voxel units of the fixed grid ``S`` (docs/design.md §2).
         affine: ``(4, 4)`` voxel-to-world affine of the fixed grid (mm).
         nearest: nearest-neighbour sampling (label maps) instead of linear.
     Returns:

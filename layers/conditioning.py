@@ -1,4 +1,4 @@
-"""λ-conditioning of the compact CNN heads (DESIGN.md §5, HyperMorph-style amortisation).
+"""λ-conditioning of the compact CNN heads (docs/design.md §5, HyperMorph-style amortisation).
 
 A small MLP of the normalised ``log λ`` produces per-channel FiLM parameters (a scale ``exp(a)`` and a shift
 ``β``) for each output group of a module, here the ``J`` head (``C·n`` channels) and the ``f`` head (``C``

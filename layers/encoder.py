@@ -1,4 +1,4 @@
-"""A learned residual feature encoder for LearnGN (an optional extension of the compact heads, DESIGN.md §4).
+"""A learned residual feature encoder for LearnGN (an optional extension of the compact heads, docs/design.md §4).
 
 The handcrafted features (MIND-SSC, intensities or distance maps) describe local appearance only; a small
 fully convolutional network can learn features whose Gauss-Newton linearisation is more useful for the

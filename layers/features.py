@@ -1,4 +1,4 @@
-"""Image features: MIND-SSC (DESIGN.md §6) and signed square-root distance maps of label maps."""
+"""Image features: MIND-SSC (docs/design.md §6) and signed square-root distance maps of label maps."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gauss-Newton registration: K GN steps on a coarse grid with λ and step-size schedules (DESIGN.md §3).
+"""Gauss-Newton registration: K GN steps on a coarse grid with λ and step-size schedules (docs/design.md §3).
 
 One step, on a grid of stride ``s`` (``G = Sp / s`` nodes, ``Sp`` the feature shape padded to a multiple of
 ``s``), with ``u`` the coarse displacement in full-resolution voxel units:
@@ -108,7 +108,7 @@ def gn_step(
         jf: ``(fixed, warped) -> (J, f)``; default :func:`layers.heads.handcrafted_jf` at ``stride``.
         coupling: ``"full"`` or ``"diagonal"`` (see :func:`layers.gn_solve`).
         detach_warp: warp with ``u.detach()`` (no gradient through the warp into earlier iterations).
-        update: ``"add"`` (DESIGN.md §3: the system regularises the whole field, ``(H + λL) δ = −(g + λLu)``,
+        update: ``"add"`` (docs/design.md §3: the system regularises the whole field, ``(H + λL) δ = −(g + λLu)``,
             ``u ← u + α δ``) or ``"compose"`` (the regulariser acts on the increment only, ``(H + λL) δ = −g``,
             and the maps are composed, ``u ← α δ + u ∘ (id + α δ)`` via :func:`layers.warp.compose`: each
             step is a small smooth map, so the total field can grow large without folding, like fluid /

@@ -1,4 +1,4 @@
-"""The differentiable sparse linear solve of the Gauss-Newton layer (DESIGN.md §3).
+"""The differentiable sparse linear solve of the Gauss-Newton layer (docs/design.md §3).
 
 :func:`gn_solve` solves, for every batch item,
 
@@ -516,7 +516,7 @@ def gn_solve(
     eps: float = 1e-6,
     strict: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, GNSolveInfo]:
-    """Solve ``(blockdiag(H) + λ L⊗I_n + ε I) x = b`` per batch item, differentiably (DESIGN.md §3).
+    """Solve ``(blockdiag(H) + λ L⊗I_n + ε I) x = b`` per batch item, differentiably (docs/design.md §3).
 
     Args:
         H: ``(B, n, n, *G)`` per-node blocks ``JᵀJ`` (symmetric positive semi-definite), ``G`` a 2D or 3D grid

@@ -1,6 +1,6 @@
 """Grid conventions of the whole project: voxel coordinates, normalised coordinates, coarse grids.
 
-Conventions (DESIGN.md §2):
+Conventions (docs/design.md §2):
 
 * images ``(B, C, *S)`` with ``S = (H, W)`` or ``(D, H, W)``; ``n = len(S)``;
 * a displacement ``u`` is ``(B, n, *S)`` in **voxel units**, channel ``i`` along array axis ``i``;

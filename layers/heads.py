@@ -1,4 +1,4 @@
-"""Handcrafted Gauss-Newton operators and the compact CNN heads that learn them (DESIGN.md §3-§4).
+"""Handcrafted Gauss-Newton operators and the compact CNN heads that learn them (docs/design.md §3-§4).
 
 Both compute, from fixed features ``F`` and warped moving features ``W`` ``(B, C, *Sp)`` with ``Sp`` a
 multiple of the stride ``s``:

@@ -2,7 +2,7 @@
 
 ``L`` is the graph Laplacian of the grid graph with 4 (2D) or 6 (3D) face neighbours and a free
 (Neumann) boundary: ``L[p, q] = -1`` for every edge ``p ~ q``, ``L[p, p] = deg(p)`` (the number of
-neighbours of node ``p``, between ``n`` and ``2n``), no padding nodes (DESIGN.md §3). Nodes are numbered
+neighbours of node ``p``, between ``n`` and ``2n``), no padding nodes (docs/design.md §3). Nodes are numbered
 in C order (``numpy.ravel_multi_index``) over the grid shape ``G``; ``N = prod(G)``.
 
 The Gauss-Newton system matrix of one batch item is
@@ -209,7 +209,7 @@ def torch_to_cupy(t: torch.Tensor):
     The export is made from ``t.detach()``, a view of the same storage that does not require grad:
     ``Tensor.__dlpack__`` refuses tensors that require grad (``BufferError``), and inside the GN solve's
     autograd function the right-hand side ``b`` (and views of it) still require grad. Gradients are not lost:
-    the solve's backward is implicit (DESIGN.md §3) and never differentiates through cupy.
+    the solve's backward is implicit (docs/design.md §3) and never differentiates through cupy.
     """
     import cupy
 

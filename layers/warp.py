@@ -1,4 +1,4 @@
-"""Warping with a displacement field (DESIGN.md §2): ``warped(x) = moving(x + u(x))``.
+"""Warping with a displacement field (docs/design.md §2): ``warped(x) = moving(x + u(x))``.
 
 All functions take ``u`` of shape ``(B, n, *S)`` in voxel units on the fixed grid ``S`` and sample through
 :func:`layers.grid.sample_displaced` / :func:`layers.grid.sample`, both through :func:`layers.grid.grid_sample`

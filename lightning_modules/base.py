@@ -2,7 +2,7 @@
 
 A subclass implements :meth:`RegistrationModule.register`, mapping a batch (``data/batch.py``) to the
 full-resolution displacement ``u`` ``(B, n, *S)`` (voxel units, fixed grid, pointing into the moving image).
-This class provides the shared validation / test / predict steps: metrics of DESIGN.md §7 through the one
+This class provides the shared validation / test / predict steps: metrics of docs/design.md §7 through the one
 implementation in :mod:`lightning_modules.metrics`, accumulated with torchmetrics (synchronised under DDP),
 and the per-pair records that ``eval.py`` writes (seconds around the registration only, CUDA-synchronised;
 a pair that fails is recorded with its error instead of stopping the run).

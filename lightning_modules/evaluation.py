@@ -1,4 +1,4 @@
-"""Hold-out evaluation outputs (DESIGN.md §9): a Lightning prediction writer and the summary files.
+"""Hold-out evaluation outputs (docs/design.md §9): a Lightning prediction writer and the summary files.
 
 Output contract (other tools read it):
 

@@ -1,4 +1,4 @@
-"""LearnGN: Gauss-Newton registration whose Jacobians and residuals come from compact CNN heads (DESIGN.md §4).
+"""LearnGN: Gauss-Newton registration whose Jacobians and residuals come from compact CNN heads (docs/design.md §4).
 
 K GN iterations at stride ``s`` (``layers.gn.GNRegistration``) with :class:`layers.heads.CompactHeads`
 initialised to the handcrafted operators, so an untrained model equals handcrafted GN. Training

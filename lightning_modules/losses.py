@@ -1,4 +1,4 @@
-"""Training losses of the learned registration models (DESIGN.md §4).
+"""Training losses of the learned registration models (docs/design.md §4).
 
 All take the full-resolution displacement ``u`` ``(B, n, *S)`` (voxel units) and return a scalar.
 """

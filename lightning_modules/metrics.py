@@ -1,6 +1,6 @@
-"""Registration metrics (DESIGN.md §7): one implementation for training, ``eval.py`` and the baselines.
+"""Registration metrics (docs/design.md §7): one implementation for training, ``eval.py`` and the baselines.
 
-Conventions (DESIGN.md §2): a displacement ``u`` is ``(B, n, *S)`` in voxel units on the fixed grid and points
+Conventions (docs/design.md §2): a displacement ``u`` is ``(B, n, *S)`` in voxel units on the fixed grid and points
 into the moving image (``warped(x) = moving(x + u(x))``); label maps are ``(B, 1, *S)`` integer (0 =
 background, never evaluated); keypoints are ``(B, K, n)`` voxel indices in array order, padded with NaN;
 spacings are mm per voxel, ``(n,)`` or ``(B, n)``.
@@ -57,7 +57,7 @@ __all__ = [
     "tre",
 ]
 
-#: Every metric name :func:`pair_metrics` can return (DESIGN.md §9 output contract, less ``seconds``).
+#: Every metric name :func:`pair_metrics` can return (docs/design.md §9 output contract, less ``seconds``).
 METRIC_NAMES: tuple[str, ...] = ("dice", "dice30", "hd95", "tre", "sdlogj", "sdlogj_l2r", "folding")
 
 _NAN = float("nan")
@@ -347,7 +347,7 @@ def _batch_label_ids(batch: Mapping[str, Any], fixed_label: torch.Tensor) -> lis
 
 @torch.no_grad()
 def pair_metrics(batch: Mapping[str, Any], u: torch.Tensor, *, hd95: bool = True) -> dict[str, torch.Tensor]:
-    """Every metric of DESIGN.md §7 that applies to a batch (the single entry point).
+    """Every metric of docs/design.md §7 that applies to a batch (the single entry point).
 
     Args:
         batch: a batch dict (``data/batch.py``). Used keys: ``fixed_label``/``moving_label`` (dice, dice30,

@@ -1,4 +1,4 @@
-"""Evaluation-only instance-optimisation baselines (DESIGN.md §6), selectable by name.
+"""Evaluation-only instance-optimisation baselines (docs/design.md §6), selectable by name.
 
 ==============  =====================================================================================
 name            class

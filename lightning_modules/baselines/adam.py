@@ -1,4 +1,4 @@
-"""Adam instance-optimisation baseline (DESIGN.md §6; Vujovic et al., "Continuous Optimization for Medical
+"""Adam instance-optimisation baseline (docs/design.md §6; Vujovic et al., "Continuous Optimization for Medical
 Image Registration of Large Displacement Datasets")."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ConvexAdam (Siebert, Hansen, Heinrich 2021; DESIGN.md §6): a discrete SSD cost volume of MIND-SSC features
+"""ConvexAdam (Siebert, Hansen, Heinrich 2021; docs/design.md §6): a discrete SSD cost volume of MIND-SSC features
 on a coarse grid, coupled convex optimisation, optional inverse consistency, then Adam fine-tuning.
 
 Units: on the coarse grid of stride ``grid_sp`` (node ``g`` at full-resolution position
@@ -171,7 +171,7 @@ class ConvexAdam(BaselineModule):
     :mod:`lightning_modules.baselines.instance_opt` at stride ``adam_stride`` started from that field
     (``smooth_passes`` pools, ``12·MSE(MIND) + λ·diffusion``, ``iterations`` steps at learning rate ``lr``).
 
-    Options beyond the published method (issue 5): ``lncc_weight > 0`` adds ``lncc_weight · (1 − mean LNCC)``
+    Options beyond the published method: ``lncc_weight > 0`` adds ``lncc_weight · (1 − mean LNCC)``
     of the raw intensities (:class:`~lightning_modules.baselines.instance_opt.ImageLNCC`: images averaged over
     ``lncc_stride^n`` blocks, window ``(2·lncc_radius+1)^n``) to the Adam loss, and ``weight = 0`` drops the MIND
     term; ``velocity_steps > 0`` makes the Adam stage diffeomorphic (stationary velocity increment integrated by

@@ -1,5 +1,5 @@
 """Handcrafted Gauss-Newton baseline: :class:`layers.gn.GNRegistration` with the handcrafted ``J`` and ``f``
-(DESIGN.md §3, §6) on the features of :func:`lightning_modules.features.batch_features`."""
+(docs/design.md §3, §6) on the features of :func:`lightning_modules.features.batch_features`."""
 
 from __future__ import annotations
 

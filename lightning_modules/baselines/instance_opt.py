@@ -1,6 +1,6 @@
 """Adam instance optimisation of a displacement field on a coarse grid: the one loop shared by the
 :class:`~lightning_modules.baselines.AdamIO` baseline and the fine-tuning stage of
-:class:`~lightning_modules.baselines.ConvexAdam` (DESIGN.md §6).
+:class:`~lightning_modules.baselines.ConvexAdam` (docs/design.md §6).
 
 The loop, on a grid of stride ``s`` (``s = 2``: half resolution) with node ``g`` at full-resolution position
 ``s*g + (s-1)/2`` (:func:`layers.grid.pool_to_grid`):

@@ -1,4 +1,4 @@
-"""Learning-rate schedules of the Adam instance optimisation (DESIGN.md §6), reusable by learned schedules.
+"""Learning-rate schedules of the Adam instance optimisation (docs/design.md §6), reusable by learned schedules.
 
 A schedule is any callable ``step -> learning rate`` (``step`` = 0, 1, ..., ``iterations - 1``). This module
 provides the published piecewise schedule as a pure function (:func:`piecewise_lr`), picklable schedule

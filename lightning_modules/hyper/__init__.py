@@ -1,4 +1,4 @@
-"""Learned hyper-parameters (DESIGN.md §5, issue 6).
+"""Learned hyper-parameters (docs/design.md §5).
 
 * :class:`BilevelLearnGN` — λ (scalar, per iteration or a schedule; optionally GN step sizes) learned on the
   ``hyper`` split by bilevel optimisation (manual optimisation, two optimisers);

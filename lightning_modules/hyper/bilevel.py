@@ -1,4 +1,4 @@
-"""Bilevel learning of the GN regularisation weight λ for LearnGN (DESIGN.md §5).
+"""Bilevel learning of the GN regularisation weight λ for LearnGN (docs/design.md §5).
 
 ``log λ`` is a parameter of the module (``bilevel_log_lam``: one scalar that scales the reference λ schedule,
 or one value per GN iteration), or a :class:`~lightning_modules.hyper.schedule.FourierSchedule` of the

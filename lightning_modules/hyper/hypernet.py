@@ -1,4 +1,4 @@
-"""Amortised λ: LearnGN with λ-conditioned heads (HyperMorph-style), and test-time λ selection (DESIGN.md §5).
+"""Amortised λ: LearnGN with λ-conditioned heads (HyperMorph-style), and test-time λ selection (docs/design.md §5).
 
 :class:`HyperLearnGN` modulates the compact heads with a FiLM MLP of ``log λ``
 (:class:`layers.conditioning.FiLMHeads`, identity at initialisation) and trains with ``log λ`` drawn

@@ -2,7 +2,7 @@
 
 The outer loss of bilevel λ learning and of test-time λ selection is a supervised registration error (label
 overlap and/or keypoint distance) plus a **regularity guard**: without it a Dice-only outer loss prefers
-a smaller λ (a rougher field fits the labels better) and drives λ to 0 (DESIGN.md §5).
+a smaller λ (a rougher field fits the labels better) and drives λ to 0 (docs/design.md §5).
 """
 
 from __future__ import annotations

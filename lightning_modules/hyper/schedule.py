@@ -1,4 +1,4 @@
-"""Learned learning-rate schedules for Adam instance optimisation (and GN step / λ schedules), DESIGN.md §5.
+"""Learned learning-rate schedules for Adam instance optimisation (and GN step / λ schedules), docs/design.md §5.
 
 * :class:`FourierSchedule`: a small MLP of Fourier features of the normalised step ``t/T`` giving
   ``log η_t = log η_baseline(t) + MLP(φ(t/T))``. The last MLP layer (weights and bias) starts at zero, so the
@@ -307,7 +307,7 @@ def differentiable_adam(
 
 
 class ScheduleMetaLearner(RegistrationModule):
-    """Meta-learns the learning-rate schedule of the Adam instance optimisation (AdamIO, DESIGN.md §6).
+    """Meta-learns the learning-rate schedule of the Adam instance optimisation (AdamIO, docs/design.md §6).
 
     Trainable parameters: a :class:`FourierSchedule` of ``steps`` values around ``baseline``. A training step
     runs :func:`differentiable_adam` for ``steps`` steps on the MIND-SSC features of the batch (pooled by
@@ -328,30 +328,6 @@ class ScheduleMetaLearner(RegistrationModule):
         w_path: weight of the same error along the way (mean over the ends of all checkpoint segments but the
             last), against short-horizon bias; 0 disables.
         checkpoint_every: steps per gradient-checkpoint segment.
-        perturb: standard deviation ``σ`` of Gaussian noise on ``log η_t`` during meta-training (0: none).
-            With ``σ > 0`` the training loss is the mean of the meta-objective over ``perturb_samples``
-            unrolls at ``η_t · exp(σ ε_t)``, ``ε ~ N(0, I)`` drawn afresh at every training step (in
-            antithetic pairs ``±ε`` when ``perturb_samples`` is even), i.e. a pathwise estimate of the gradient
-            of the Gaussian-smoothed objective ``E_ε[L(log η + σ ε)]``. The final error of the instance
-            optimisation is a rugged function of the schedule (bumps of ~0.5 % between learning rates a few
-            percent apart, and a cliff where the first step overshoots); smoothing at the scale ``σ`` removes
-            the narrow local minima in which plain gradient descent stops. Validation and export use the
-            unperturbed schedule.
-        perturb_samples: perturbed unrolls per training batch (>= 1).
-        perturb_basis: ``"steps"`` (independent noise per step) or ``"fourier"`` (noise in the span of the
-            constant and the network's Fourier features: smooth changes of the schedule with root-mean-square
-            ``σ`` over the steps; with ``"es"`` the estimate is the gradient projected onto that span). Frozen
-            steps are never perturbed (:meth:`perturbation_basis`).
-        meta_gradient: ``"pathwise"`` (backpropagation through the unrolled Adam, with the perturbations
-            above when ``perturb > 0``) or ``"es"`` (evolution strategies: the antithetic estimate
-            ``ĝ = Σ_k (L(log η + σε_k) − L(log η − σε_k)) ε_k / (2σK)`` of the gradient of the smoothed
-            objective with respect to ``log η``, from ``K = perturb_samples / 2`` pairs of forward unrolls
-            without a graph, chained into the network as the surrogate ``⟨ĝ, log η(θ)⟩``). Unrolled
-            meta-gradients through many steps are chaotic where the inner optimisation is near an
-            instability (Metz et al., 2019, "Understanding and correcting pathologies in the training of
-            learned optimizers"): a pathwise sample beyond the cliff only sees the flat ground there, while the
-            ES estimate sees the jump in the loss and points away from it. Needs ``perturb > 0`` and an even
-            ``perturb_samples``.
         lam, stride, smooth_passes, weight, mind_radius, mind_dilation: the AdamIO settings (1.25, 2, 2, 12,
             1, 2).
         lr: Adam learning rate of the schedule network (meta-optimiser). Adam moves every MLP weight by about
@@ -376,10 +352,6 @@ class ScheduleMetaLearner(RegistrationModule):
         outer: str = "tre",
         w_path: float = 0.0,
         checkpoint_every: int = 10,
-        perturb: float = 0.0,
-        perturb_samples: int = 1,
-        perturb_basis: str = "steps",
-        meta_gradient: str = "pathwise",
         lam: float = 1.25,
         stride: int = 2,
         smooth_passes: int = 2,
@@ -397,15 +369,6 @@ class ScheduleMetaLearner(RegistrationModule):
         self.step_unit = float(chosen.step_unit if step_unit is None else step_unit)
         if self.steps < 1 or not self.step_unit > 0:
             raise ValueError(f"need steps >= 1 and step_unit > 0; got {steps}, {step_unit}")
-        if not (perturb >= 0 and math.isfinite(perturb)) or int(perturb_samples) < 1:
-            raise ValueError(f"need perturb >= 0 and perturb_samples >= 1; got {perturb}, {perturb_samples}")
-        if perturb_basis not in ("steps", "fourier"):
-            raise ValueError(f"unknown perturb_basis {perturb_basis!r}; known: steps, fourier")
-        if meta_gradient not in ("pathwise", "es"):
-            raise ValueError(f"unknown meta_gradient {meta_gradient!r}; known: pathwise, es")
-        if meta_gradient == "es" and (perturb <= 0 or int(perturb_samples) % 2):
-            raise ValueError(f"meta_gradient='es' needs perturb > 0 and an even perturb_samples; got "
-                             f"{perturb}, {perturb_samples}")
         self.save_hyperparameters()
         self.schedule = FourierSchedule(
             baseline_values(baseline, self.steps), n_freq, hidden, depth, max_log_delta, frozen_steps
@@ -497,38 +460,6 @@ class ScheduleMetaLearner(RegistrationModule):
         )
 
     # --- training -----------------------------------------------------------------------------------------
-    def perturbations(self) -> list[torch.Tensor]:
-        """The log-multipliers ``σ ε`` ``(T,)`` of one training step's perturbed unrolls (``[0]`` when
-        ``perturb`` is 0); antithetic pairs ``±ε`` when ``perturb_samples`` is even. Drawn from torch's global
-        generator (seeded by ``seed_everything``)."""
-        hp = self.hparams
-        if hp.perturb == 0:
-            return [torch.zeros(self.steps, dtype=torch.float64, device=self.schedule.base.device)]
-        k = int(hp.perturb_samples)
-        basis = self.perturbation_basis()
-        draws = torch.randn(k // 2 if k % 2 == 0 else k, basis.shape[1], dtype=torch.float64)
-        draws = draws @ basis.T
-        eps = torch.cat([draws, -draws]) if k % 2 == 0 else draws
-        return [float(hp.perturb) * e.to(self.schedule.base.device) for e in eps]
-
-    def perturbation_basis(self) -> torch.Tensor:
-        """``(T, d)`` float64: the directions of the perturbations, zero on the ``frozen_steps`` (which are not
-        learned and must not be perturbed either), scaled so that the perturbation's root-mean-square over the
-        learned steps is ``σ``: the identity on the learned steps (``perturb_basis="steps"``, ``d = T − frozen``,
-        independent per step, each with standard deviation ``σ``) or ``sqrt((T − frozen)/d) Q`` with ``Q`` an
-        orthonormal basis of the span of the constant and the schedule network's Fourier features of ``t/T``
-        on the learned steps (``"fourier"``, ``d <= 2·n_freq + 2``: smooth, low-dimensional changes of the
-        schedule's shape; the per-step standard deviation varies around ``σ``, largest at the ends)."""
-        frozen = self.schedule.frozen_steps
-        free = self.steps - frozen
-        if self.hparams.perturb_basis == "steps":
-            return torch.eye(self.steps, dtype=torch.float64)[:, frozen:]
-        feats = self.schedule.features().to(torch.float64).cpu()[frozen:]
-        feats = torch.cat([torch.ones(free, 1, dtype=torch.float64), feats], dim=1)
-        u, sv, _ = torch.linalg.svd(feats, full_matrices=False)
-        q = u[:, sv > 1e-8 * sv.max()]  # an orthonormal basis of the span (dependent features dropped)
-        return torch.cat([q.new_zeros(frozen, q.shape[1]), q * math.sqrt(free / q.shape[1])])
-
     def meta_loss(
         self, batch: dict[str, Any], lrs: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,36 +474,10 @@ class ScheduleMetaLearner(RegistrationModule):
         final = self.error(batch, self.unrolled(batch, lrs))
         return final, final
 
-    def es_gradient(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The antithetic ES estimate ``ĝ`` ``(T,)`` of the gradient of the smoothed meta-objective with
-        respect to ``log η`` (see ``meta_gradient``), and the mean loss and final error over the perturbed
-        unrolls (forward only)."""
-        sigma = float(self.hparams.perturb)
-        log_eta = self.schedule.log_values().detach()
-        eps = self.perturbations()  # [+σε_1..+σε_K, −σε_1..−σε_K]
-        with torch.no_grad():
-            results = [self.meta_loss(batch, (log_eta + e).exp()) for e in eps]
-        losses = torch.stack([r[0].detach().to(torch.float64) for r in results])
-        k = len(eps) // 2
-        # E[f(x + σe) Σ⁺e] / σ with Cov(e) = Σ = B Bᵀ: the gradient projected onto the span of the basis B
-        basis = self.perturbation_basis().to(log_eta.device)
-        free = self.steps - self.schedule.frozen_steps
-        scale = basis.shape[1] / free if self.hparams.perturb_basis == "fourier" else 1.0
-        grad = scale * sum((losses[j] - losses[j + k]) * eps[j] for j in range(k)) / (2 * sigma**2 * k)
-        return grad, losses.mean(), torch.stack([r[1].detach() for r in results]).mean()
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         bsz = batch["fixed"].shape[0]
         values = self.schedule_values()
-        if self.hparams.meta_gradient == "es":
-            grad, smoothed, final = self.es_gradient(batch)
-            # surrogate whose gradient in θ is J(θ)ᵀ ĝ; its value is the smoothed loss estimate
-            log_eta = self.schedule.log_values()
-            loss = (grad * (log_eta - log_eta.detach())).sum() + smoothed
-        else:
-            results = [self.meta_loss(batch, values * noise.exp()) for noise in self.perturbations()]
-            loss = torch.stack([r[0] for r in results]).mean()
-            final = torch.stack([r[1] for r in results]).mean()
+        loss, final = self.meta_loss(batch, values)
         lrs = values.detach()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bsz)
         self.log("train/error_final", final, on_step=False, on_epoch=True, batch_size=bsz)

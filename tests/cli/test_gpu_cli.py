@@ -73,7 +73,7 @@ def fit_then_eval(root: Path, accelerator: str, monkeypatch) -> tuple[dict, floa
 
 
 def check_outputs(out: Path, summary: dict, n_pairs: int) -> None:
-    """The evaluation output contract (DESIGN.md §9) with every pair registered."""
+    """The evaluation output contract (docs/design.md §9) with every pair registered."""
     data = json.loads((out / "summary.json").read_text())
     assert data["n_pairs"] == n_pairs and data["n_failed"] == 0, data
     assert summary["n_failed"] == 0

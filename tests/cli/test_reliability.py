@@ -1,4 +1,4 @@
-"""Reliability of the two commands (issue 14), one class of bad input at a time:
+"""Reliability of the two commands (docs/design.md §9), one class of bad input at a time:
 
 * security: no code runs from a file a user hands over (checkpoint, schedule, ``init_from``, ``--ckpt_path``);
 * one bad pair never costs the good ones: loading, preprocessing, registration, metrics and writing are

@@ -2,12 +2,12 @@
 (:func:`layers.laplacian.csr_to_cupy`), :func:`layers.cg.cg_cupy` and the cupy path of ``gn_solve`` with
 autograd, run against a stand-in for cupy made of NumPy and SciPy.
 
-The stand-in is faithful where the bug of issue 13 lived: ``numpy.from_dlpack`` goes through the same
-``Tensor.__dlpack__`` export as ``cupy.from_dlpack`` and refuses a tensor that requires grad with the same
-``BufferError`` (``Tensor.numpy()`` does not: under ``no_grad``, as inside an autograd function, it accepts
-one, which is how a NumPy-based stand-in of the whole of ``cg_cupy`` missed it). ``scipy.sparse.csr_matrix``
-and ``scipy.sparse.linalg.cg`` take the place of cupyx's (same arguments, ``rtol`` keyword, callback per
-iteration). The device and stream context is the only part left out; the real thing runs in the ``gpu`` tests
+The stand-in is faithful where an earlier bug of the GN solve on the GPU lived: ``numpy.from_dlpack`` goes through
+the same ``Tensor.__dlpack__`` export as ``cupy.from_dlpack`` and refuses a tensor that requires grad with the same
+``BufferError`` (``Tensor.numpy()`` does not: under ``no_grad``, as inside an autograd function, it accepts one,
+which is how a NumPy-based stand-in of the whole of ``cg_cupy`` missed it). ``scipy.sparse.csr_matrix`` and
+``scipy.sparse.linalg.cg`` take the place of cupyx's (same arguments, ``rtol`` keyword, callback per iteration). The
+device and stream context is the only part left out; the real thing runs in the ``gpu`` tests
 (``tests/layers/test_gn_solve.py``, ``tests/lightning_modules/test_gpu_training.py``).
 """
 
@@ -71,7 +71,7 @@ def stand_in(monkeypatch):
 def test_the_stand_in_refuses_what_cupy_refuses():
     t = torch.zeros(3, requires_grad=True)
     with pytest.raises(BufferError, match="require"):
-        np.from_dlpack(t)  # what cupy.from_dlpack(t) raised in the GN solve (issue 13)
+        np.from_dlpack(t)  # what cupy.from_dlpack(t) raised in the GN solve before the DLPack export detached
 
 
 def test_torch_to_cupy_exports_a_detached_view_without_a_copy(stand_in):

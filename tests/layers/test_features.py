@@ -1,4 +1,4 @@
-"""Features (layers/features.py): MIND-SSC (DESIGN.md §6) and signed square-root distance maps."""
+"""Features (layers/features.py): MIND-SSC (docs/design.md §6) and signed square-root distance maps."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _texture(shape: tuple[int, ...], seed: int = 0, batch: int = 1) -> torch.Ten
 
 
 def _mind_reference(img: np.ndarray, radius: int = 1, dilation: int = 2, eps: float = 1e-3) -> np.ndarray:
-    """Direct numpy transcription of DESIGN.md §6 for one image ``(*S)`` -> ``(C, *S)``."""
+    """Direct numpy transcription of docs/design.md §6 for one image ``(*S)`` -> ``(C, *S)``."""
     n, d = img.ndim, dilation
     faces = []
     for axis in range(n):

@@ -1,4 +1,4 @@
-"""Hypergradients with respect to the regularisation weight λ (DESIGN.md §3, §5).
+"""Hypergradients with respect to the regularisation weight λ (docs/design.md §3, §5).
 
 * :func:`layers.gn_solve` on a Tikhonov system with ``H = h·I`` per node, against the closed form
   ``dx/dλ = −A⁻¹ L x`` (dense solve) and the eigen decomposition of ``L``;

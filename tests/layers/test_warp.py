@@ -1,4 +1,4 @@
-"""Warping conventions (DESIGN.md §2): ``warped(x) = moving(x + u(x))``, u channel i = array axis i."""
+"""Warping conventions (docs/design.md §2): ``warped(x) = moving(x + u(x))``, u channel i = array axis i."""
 
 from __future__ import annotations
 

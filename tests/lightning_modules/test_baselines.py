@@ -1,4 +1,4 @@
-"""Tests of the evaluation-only baselines (issue 5): schedules, Dice improvement on synthetic 3D pairs, the
+"""Tests of the evaluation-only baselines (docs/design.md §6): schedules, Dice improvement on synthetic 3D pairs, the
 ConvexAdam coarse stage, AdamIO initialisation, fit refusal, 2D support and clear errors on bad input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bilevel λ for LearnGN (issue 6): parameters and splits, checkpointing, the CLI config, and the direction
+"""Bilevel λ for LearnGN (docs/design.md §5): parameters and splits, checkpointing, the CLI config, and the direction
 of the effects on tiny synthetic 2D problems (λ grows with image noise; without a guard λ falls; with it the
 folding fraction stays below its threshold). The full-size numbers are in benchmarks/results/hyper.md."""
 

@@ -1,4 +1,4 @@
-"""The λ-conditioned hypernetwork (issue 6): identity conditioning at initialisation, λ sampling,
+"""The λ-conditioned hypernetwork (docs/design.md §5): identity conditioning at initialisation, λ sampling,
 smoothness along a λ sweep, Dice close to models trained at a fixed λ (tiny budgets: the direction only; full
 numbers in benchmarks/results/hyper.md), test-time λ selection and ``resolve_lambda``."""
 

@@ -1,4 +1,4 @@
-"""Tests of :mod:`lightning_modules.metrics` against hand-computed values (DESIGN.md §7)."""
+"""Tests of :mod:`lightning_modules.metrics` against hand-computed values (docs/design.md §7)."""
 
 from __future__ import annotations
 
