@@ -14,8 +14,9 @@ receives ``warped.nii.gz`` (the moving image's raw intensities on the fixed grid
 ``warped_labels.nii.gz`` (with ``--moving-labels``; nearest), ``disp.nii.gz`` (the Learn2Reg convention:
 ``(*S, n)``, voxel units, fixed grid), ``disp_itk.nii.gz`` (an ITK / ANTs displacement field, :mod:`data.itk`),
 ``metrics.json`` and ``figure.png``. ``--apply`` warps any other image or label map in the moving image's space
-with a saved ``disp.nii.gz`` exactly as the registration warped the moving image. ``--deterministic`` makes
-repeated runs bit-identical for a ``--seed`` (deterministic algorithms, no cuDNN autotuning).
+with a saved ``disp.nii.gz`` exactly as the registration warped the moving image. ``--affine`` runs an affine
+pre-alignment before any method (both modes) and writes the composed field. ``--deterministic`` makes repeated
+runs bit-identical for a ``--seed`` (deterministic algorithms, no cuDNN autotuning).
 
 Writes ``summary.json``, ``pairs.csv``, ``summary.md``, ``disp/`` and ``figures/`` under ``--out`` (refused when
 the folder already holds results, unless ``--overwrite``). A pair that fails anywhere (loading, preprocessing,
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--apply", metavar="DISP", help="a disp.nii.gz written by this program (Learn2Reg convention)")
     g.add_argument("--image", help="the image or label map to warp (in the moving image's space)")
     g.add_argument("--nearest", action="store_true", help="nearest-neighbour sampling (label maps)")
+    p.add_argument("--affine", action="store_true",
+                   help="affine pre-alignment (multi-resolution, MIND-SSC) before the method; the written field is "
+                        "the composition (lightning_modules.prealign)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms and seeds (--seed): repeated runs give bit-identical outputs")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -280,6 +284,7 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
         check_unique_disp_names(pairs)
     if leader:
         prepare_output(out, args.overwrite)
+    model = with_prealignment(model, args.affine)
     writer = EvaluationWriter(out, args.method, n_figures=args.figures, half=args.half,
                               write_disp=not args.no_disp,
                               note=f"Data: `{dm.source}`, split `{args.split}`.\n")
@@ -335,6 +340,15 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+
+
+def with_prealignment(model, affine: bool):
+    """``model`` behind an affine pre-alignment stage when ``affine`` (``--affine``), else ``model``."""
+    if not affine:
+        return model
+    from lightning_modules.prealign import AffinePrealigned
+
+    return AffinePrealigned(model)
 
 
 def _device(accelerator: str) -> torch.device:
@@ -426,6 +440,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
         from lightning_modules.hyper.hypernet import resolve_lambda
 
         log.info("using λ = %g", resolve_lambda(model, args.lam))
+    model = with_prealignment(model, args.affine)
     device = _device(args.accelerator)
     model = model.to(device).eval()
     record = model.timed_register(move_data_to_device(collate_pairs([sample]), device))[0]
