@@ -3,7 +3,7 @@
 An affine map is stored as a matrix ``M`` ``(B, n, n)`` and an offset ``t`` ``(B, n)`` acting on voxel positions
 (array order) of the fixed grid about its centre ``c = (S - 1) / 2``:
 
-    T(x) = c + M (x - c) + t,    u(x) = T(x) - x    (voxel units; DESIGN.md §2: warped(x) = moving(x + u(x)))
+    T(x) = c + M (x - c) + t,    u(x) = T(x) - x    (voxel units; docs/design.md §2: warped(x) = moving(x + u(x)))
 
 so the identity is ``M = I``, ``t = 0``. The displacement of an affine map is computed in closed form everywhere
 (:func:`affine_displacement`), and composing a deformable field after it (:func:`compose_affine`) needs no
