@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from layers.cg import cupy_available  # noqa: E402
+from layers.cupy_backend import cupy_available  # noqa: E402
 from layers.gn_solve import gn_solve  # noqa: E402
 
 DEFAULT_GRIDS = ["80x78", "32x32x32", "48x40x64", "56x48x56"]

@@ -162,7 +162,7 @@ try:
 except Exception as exc:  # noqa: BLE001
     print(f"cupy: not importable ({type(exc).__name__})")
 try:
-    from layers.cg import cupy_available
+    from layers.cupy_backend import cupy_available
     print(f"cupy backend usable: {cupy_available()}")
 except Exception as exc:  # noqa: BLE001
     print(f"layers.cg: {type(exc).__name__}: {exc}")

@@ -1,28 +1,20 @@
-"""Conjugate-gradient solvers: batched matrix-free preconditioned CG in torch, and a cupy backend.
+"""Batched matrix-free preconditioned conjugate gradients in torch (the ``"torch"`` backend of the GN solve).
 
-* :func:`cg` — one preconditioned CG loop over a whole batch: every batch item has its own step sizes,
-  its own convergence test ``‖b − A x‖ / ‖b‖ ≤ rtol`` and its own iteration count; converged items are
-  frozen (their ``x`` no longer changes) while the others continue. Runs on any device. This is the one CG
-  loop used by both the forward and the backward solve of :func:`layers.gn_solve` (torch backend).
-* :func:`cg_cupy` — ``cupyx.scipy.sparse.linalg.cg`` on a CSR matrix for one system, tensors shared with
-  torch through DLPack (no copies). cupy is optional and imported lazily; :func:`cupy_available` says
-  whether it can be used.
+:func:`cg` is one preconditioned CG loop over a whole batch: every batch item has its own step sizes, its own
+convergence test ``‖b − A x‖ / ‖b‖ ≤ rtol`` and its own iteration count; converged items are frozen (their
+``x`` no longer changes) while the others continue. Runs on any device. This is the one CG loop used by both
+the forward and the backward solve of :func:`layers.gn_solve` (torch backend). The ``"cupy"`` backend's CG is
+:func:`layers.cupy_backend.cg_cupy`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
-import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["CGResult", "cg", "cg_cupy", "cupy_available"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["CGResult", "Operator", "cg"]
 
 #: A linear operator / preconditioner: ``f(x) -> A x`` for ``x`` of the shape of ``b``. If the callable has a
 #: truthy attribute ``accepts_out``, the CG loop calls it as ``f(x, out=buf)`` and it must write ``A x`` into
@@ -160,122 +152,3 @@ def cg(
         rr = torch.bmm(buf_r, buf_c)
     rel = torch.where(zero_rhs, zero, torch.sqrt(rr / torch.where(zero_rhs, torch.ones_like(bb), bb)))
     return CGResult(x, iterations.view(bsz), rel.view(bsz), converged)
-
-
-# --------------------------------------------------------------------------------------------- cupy backend
-
-
-@functools.lru_cache(maxsize=1)
-def _cupy_modules():
-    """``(cupy, cupyx.scipy.sparse, cupyx.scipy.sparse.linalg)`` or ``None`` when they cannot be used."""
-    try:
-        import cupy
-        import cupyx.scipy.sparse as cpx_sparse
-        import cupyx.scipy.sparse.linalg as cpx_linalg
-    except ImportError as err:  # not installed, or installed without a usable CUDA toolkit
-        logger.debug("cupy unavailable: %s", err)
-        return None
-    except Exception as err:  # noqa: BLE001  (a broken CUDA install can raise anything on import)
-        logger.debug("cupy import failed: %s", err)
-        return None
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-    except Exception as err:  # noqa: BLE001  (CUDARuntimeError without a driver/GPU)
-        logger.debug("cupy has no usable GPU: %s", err)
-        return None
-    return cupy, cpx_sparse, cpx_linalg
-
-
-def cupy_available() -> bool:
-    """Whether the cupy backend can run: cupy and ``cupyx.scipy.sparse.linalg`` import and a GPU is visible.
-
-    ``import cupy`` alone can succeed on machines without a GPU; this checks more. The answer is cached.
-    """
-    return _cupy_modules() is not None and torch.cuda.is_available()
-
-
-@functools.lru_cache(maxsize=4)
-def _cupy_tol_keyword(cg_fn) -> str:
-    """``"rtol"`` for cupy versions that renamed ``tol`` (following SciPy ≥ 1.12), else ``"tol"``."""
-    try:
-        params = inspect.signature(cg_fn).parameters
-    except (TypeError, ValueError):
-        return "tol"
-    return "rtol" if "rtol" in params else "tol"
-
-
-def _cupy_stream(cupy, device: torch.device):
-    """A context manager that makes cupy work on ``device`` and on torch's current stream there, so that cupy's
-    kernels are ordered with torch's (DLPack hands arrays over without copies or extra synchronisation).
-
-    Raises ``ValueError`` at once (not on entering) for a non-CUDA device.
-    """
-    if device.type != "cuda":
-        raise ValueError(f"b must be a CUDA tensor for the cupy backend; got device {device}")
-    return _on_torch_stream(cupy, device)
-
-
-@contextlib.contextmanager
-def _on_torch_stream(cupy, device: torch.device):
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
-        yield
-
-
-def cg_cupy(
-    A: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    M: torch.Tensor | None = None,
-    x0: torch.Tensor | None = None,
-    rtol: float = 1e-3,
-    maxiter: int = 1000,
-) -> tuple[torch.Tensor, int, float, bool]:
-    """Solve one SPD system ``A x = b`` with ``cupyx.scipy.sparse.linalg.cg`` on the GPU.
-
-    Args:
-        A: ``(m, m)`` torch sparse CSR tensor on a CUDA device, int32 indices (e.g. from
-            :func:`layers.laplacian.system_csr_from_blocks`).
-        b: ``(m,)`` dense CUDA tensor, dtype of ``A`` (float32 or float64).
-        M: optional ``(m, m)`` CSR preconditioner ``≈ A⁻¹`` (e.g. the inverted block-Jacobi blocks).
-        x0: optional ``(m,)`` initial guess.
-        rtol: relative tolerance ``‖b − A x‖ ≤ rtol ‖b‖``.
-        maxiter: maximum number of iterations.
-
-    Returns:
-        ``(x, iterations, rel_residual, converged)``: ``x`` ``(m,)`` a torch tensor sharing memory with
-        cupy's result (DLPack, no copy), the number of CG iterations (counted by callback), the relative
-        residual recomputed from ``x`` after the solve, and whether cupy reported convergence.
-
-    Raises:
-        RuntimeError: when cupy is not available (see :func:`cupy_available`).
-    """
-    mods = _cupy_modules()
-    if mods is None:
-        raise RuntimeError("the cupy backend needs cupy with cupyx.scipy.sparse.linalg and a CUDA GPU")
-    cupy, _, cpx_linalg = mods
-    from .laplacian import csr_to_cupy, torch_to_cupy
-
-    stream_context = _cupy_stream(cupy, b.device)  # raises for a non-CUDA b
-    b = b.detach().contiguous()  # not differentiable here (gn_solve differentiates implicitly)
-    bnorm = float(torch.linalg.vector_norm(b))
-    if bnorm == 0.0:
-        return torch.zeros_like(b), 0, 0.0, True
-    count = [0]
-
-    def callback(_xk) -> None:
-        count[0] += 1
-
-    with stream_context:
-        a_cp = csr_to_cupy(A)
-        m_cp = csr_to_cupy(M) if M is not None else None
-        b_cp = torch_to_cupy(b)
-        x0_cp = torch_to_cupy(x0.detach().contiguous()) if x0 is not None else None
-        kwargs = {_cupy_tol_keyword(cpx_linalg.cg): rtol}
-        x_cp, info = cpx_linalg.cg(
-            a_cp, b_cp, x0=x0_cp, maxiter=maxiter, M=m_cp, callback=callback, atol=0.0, **kwargs
-        )
-        res = float(cupy.linalg.norm(b_cp - a_cp @ x_cp)) / bnorm
-        x = torch.from_dlpack(x_cp)
-    return x, count[0], res, info == 0

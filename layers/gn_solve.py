@@ -21,11 +21,14 @@ Backends:
 The preconditioner (on by default) is block-Jacobi: the per-node block ``Hd(p)`` inverted in closed form.
 With ``coupling="diagonal"`` the cross terms of ``H`` are dropped and the system splits into ``n``
 independent scalar systems (one per displacement component), solved as a batch of ``B·n`` systems.
+
+The file reads top to bottom: :func:`gn_solve` and its configuration; the autograd function (forward solve,
+implicit backward) and its helpers; the systems (diagonal blocks, preconditioner, the per-backend solve); the
+matrix-free operator and the per-node block kernels; the validation of the arguments last.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
@@ -35,13 +38,10 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .cg import cg, cg_cupy, cupy_available
-from .laplacian import (
-    laplacian_apply,
-    laplacian_degree,
-    sparse_csr,
-    system_csr_from_blocks,
-)
+from .cg import cg
+from .cupy_backend import cg_cupy, cupy_available
+from .enums import Backend, Coupling
+from .laplacian import adjacency_views, block_diagonal_csr, laplacian_apply, laplacian_degree, system_csr_from_blocks
 
 __all__ = ["DEFAULT_MAXITER", "GNSolveInfo", "block_apply", "block_inverse", "gn_solve"]
 
@@ -50,8 +50,6 @@ logger = logging.getLogger(__name__)
 #: Default CG iteration limit of :func:`gn_solve` (``maxiter=None``).
 DEFAULT_MAXITER = 1000
 
-_COUPLINGS = ("full", "diagonal")
-_BACKENDS = ("auto", "torch", "cupy")
 _SYM_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -72,433 +70,7 @@ class GNSolveInfo(NamedTuple):
     backend: str
 
 
-# ----------------------------------------------------------------------------------------- per-node blocks
-
-
-def block_apply(blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-node product with **symmetric** ``c×c`` blocks: ``out[:, i] = Σ_j blocks[:, i, j] x[:, j]``.
-
-    Args:
-        blocks: ``(B, c, c, *G)``, symmetric in dims 1 and 2 (row ``j`` is used as column ``j``).
-        x: ``(B, c, *G)``.
-        out: optional ``(B, c, *G)`` buffer (must not alias ``x``).
-
-    Returns:
-        ``(B, c, *G)`` (``out`` when given). ``c`` fused multiply-adds over ``(B, c, *G)``.
-    """
-    c = blocks.shape[1]
-    out = torch.mul(blocks[:, 0], x[:, 0:1], out=out)
-    for j in range(1, c):
-        out.addcmul_(blocks[:, j], x[:, j : j + 1])
-    return out
-
-
-def block_inverse(blocks: torch.Tensor) -> torch.Tensor:
-    """Inverse of symmetric positive-definite per-node blocks ``(B, c, c, *G)`` -> ``(B, c, c, *G)``.
-
-    Closed form (adjugate / determinant) for ``c ≤ 3``, written into one preallocated, exactly symmetric
-    output; ``torch.linalg.inv`` otherwise.
-    """
-    c = blocks.shape[1]
-    if c == 1:
-        return blocks.reciprocal()
-    if c > 3:
-        inv = torch.linalg.inv(torch.movedim(torch.movedim(blocks, 1, -1), 1, -1))
-        inv = torch.movedim(torch.movedim(inv, -1, 1), -1, 1)
-        return (inv + inv.transpose(1, 2)).mul_(0.5)
-    out = torch.empty_like(blocks)
-    h = [[blocks[:, i, j] for j in range(c)] for i in range(c)]
-    o = [[out[:, i, j] for j in range(c)] for i in range(c)]
-    if c == 2:
-        a, b, d = h[0][0], h[0][1], h[1][1]
-        inv_det = torch.mul(a, d).addcmul_(b, b, value=-1.0).reciprocal_()
-        torch.mul(d, inv_det, out=o[0][0])
-        torch.mul(a, inv_det, out=o[1][1])
-        torch.mul(b, inv_det, out=o[0][1]).neg_()
-        o[1][0].copy_(o[0][1])
-        return out
-    a, b, cc = h[0][0], h[0][1], h[0][2]
-    d, e, f = h[1][1], h[1][2], h[2][2]
-
-    def cofactor(dst, p, q, r, t):  # dst = p q − r t
-        return torch.mul(p, q, out=dst).addcmul_(r, t, value=-1.0)
-
-    cofactor(o[0][0], d, f, e, e)
-    cofactor(o[0][1], cc, e, b, f)
-    cofactor(o[0][2], b, e, cc, d)
-    cofactor(o[1][1], a, f, cc, cc)
-    cofactor(o[1][2], b, cc, a, e)
-    cofactor(o[2][2], a, d, b, b)
-    inv_det = torch.mul(a, o[0][0]).addcmul_(b, o[0][1]).addcmul_(cc, o[0][2]).reciprocal_()
-    for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)):
-        o[i][j].mul_(inv_det)
-    for i, j in ((1, 0), (2, 0), (2, 1)):
-        o[i][j].copy_(o[j][i])
-    return out
-
-
-class _ViewCache:
-    """Views of the few fixed CG buffers, made once per buffer instead of once per operator call.
-
-    Keyed by ``(data_ptr, shape, stride)``; the cached views keep their storage alive, so a key cannot be
-    reused by another tensor while cached. Bounded; meant to live for one solve.
-    """
-
-    def __init__(self, make) -> None:
-        self._make = make
-        self._views: dict = {}
-
-    def __call__(self, *tensors: torch.Tensor):
-        key = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors)
-        views = self._views.get(key)
-        if views is None:
-            if len(self._views) >= 16:
-                self._views.clear()
-            views = self._views[key] = self._make(*tensors)
-        return views
-
-
-class _BlockApply:
-    """``out = blocks · x`` per node (symmetric blocks, see :func:`block_apply`) with cached views."""
-
-    def __init__(self, blocks: torch.Tensor) -> None:
-        c = blocks.shape[1]
-        self.rows = [blocks[:, j] for j in range(c)]  # row j == column j (symmetric)
-        self.comps = _ViewCache(lambda x: [x[:, j : j + 1] for j in range(c)])
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        comps = self.comps(x)
-        out = torch.mul(self.rows[0], comps[0], out=out)
-        for h, xj in zip(self.rows[1:], comps[1:]):
-            out.addcmul_(h, xj)
-        return out
-
-
-def _adjacency_views(out: torch.Tensor, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(target, source)`` view pairs such that ``target -= source`` for all pairs is ``out -= S x``."""
-    pairs = []
-    for ax in range(2, x.dim()):
-        m = x.shape[ax] - 1
-        if m > 0:
-            pairs.append((out.narrow(ax, 1, m), x.narrow(ax, 0, m)))
-            pairs.append((out.narrow(ax, 0, m), x.narrow(ax, 1, m)))
-    return pairs
-
-
-class _GNOperator:
-    """Matrix-free ``A' x = Hd' x − S x`` for a batch of systems ``(B, c, *G)``.
-
-    ``Hd' = Hd / λ`` are the per-node diagonal blocks of the system divided by λ (per item), so that the
-    Laplacian part needs no scaling: ``A' = A / λ``. Per call: ``c`` fused multiply-adds (blocks) and ``2n``
-    shifted in-place subtractions (adjacency ``S``, as :func:`layers.laplacian.adjacency_apply_`); no
-    allocation.
-    """
-
-    accepts_out = True
-
-    def __init__(self, hd_scaled: torch.Tensor) -> None:
-        self.blocks = _BlockApply(hd_scaled)  # (B, c, c, *G)
-        self._adj = _ViewCache(_adjacency_views)
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            out = torch.empty_like(x)
-        out = self.blocks(x, out)
-        for target, source in self._adj(out, x):
-            target.sub_(source)
-        return out
-
-
-class _BlockPreconditioner(_BlockApply):
-    """Block-Jacobi preconditioner ``z = Hd⁻¹ r`` per node (``minv`` ``(B, c, c, *G)``, symmetric)."""
-
-    accepts_out = True
-
-
-@functools.lru_cache(maxsize=32)
-def _block_csr_structure(n_nodes: int, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    crow = torch.arange(0, c * c * n_nodes + 1, c, dtype=torch.int32)
-    node = torch.arange(n_nodes, dtype=torch.int64).view(1, n_nodes, 1)
-    comp = torch.arange(c, dtype=torch.int64).view(1, 1, c)
-    col = (comp * n_nodes + node).expand(c, n_nodes, c).reshape(-1).to(torch.int32)
-    return crow.to(device), col.to(device)
-
-
-def _block_csr(blocks: torch.Tensor) -> torch.Tensor:
-    """CSR ``blockdiag_p(blocks(p))`` ``(c N, c N)`` of ``(c, c, *G)`` blocks (index ``i*N + p``)."""
-    c = blocks.shape[0]
-    n_nodes = blocks[0, 0].numel()
-    crow, col = _block_csr_structure(n_nodes, c, blocks.device)
-    values = blocks.reshape(c, c, n_nodes).permute(0, 2, 1).reshape(-1)
-    return sparse_csr(crow, col, values, c * n_nodes)
-
-
-# ------------------------------------------------------------------------------------------------- solving
-
-
-@dataclass
-class _System:
-    """One batch of SPD systems ``(Hd − λ S⊗I) x = rhs``, ``(B', c, *G)``, and how to solve them.
-
-    For the torch backend ``hd`` and ``minv`` are stored divided / multiplied by λ (the system ``A / λ``,
-    whose operator needs no λ); for the cupy backend they are stored as they are.
-    """
-
-    hd: torch.Tensor  # (B', c, c, *G): Hd, or Hd / λ (torch backend)
-    minv: torch.Tensor | None  # (B', c, c, *G): Hd⁻¹, or λ Hd⁻¹ (torch backend); None without preconditioner
-    lam: torch.Tensor  # (B',)
-    backend: str
-    rtol: float
-    maxiter: int
-
-    def solve(self, rhs: torch.Tensor, x0: torch.Tensor | None):
-        """-> ``(x, iterations (B',), rel_residual (B',), converged (B',))``."""
-        if self.backend == "torch":
-            precond = _BlockPreconditioner(self.minv) if self.minv is not None else None
-            rhs_scaled = rhs / self.lam.view(-1, *([1] * (rhs.dim() - 1)))  # (A / λ) x = b / λ
-            res = cg(_GNOperator(self.hd), rhs_scaled, precond=precond, x0=x0, rtol=self.rtol,
-                     maxiter=self.maxiter)
-            return res.x, res.iterations, res.rel_residual, res.converged
-        xs, its, rels, convs = [], [], [], []
-        for k in range(rhs.shape[0]):
-            a = system_csr_from_blocks(self.hd[k], self.lam[k], "full")
-            m = _block_csr(self.minv[k]) if self.minv is not None else None
-            x_k, it, rel, conv = cg_cupy(
-                a, rhs[k].reshape(-1), M=m, x0=None if x0 is None else x0[k].reshape(-1),
-                rtol=self.rtol, maxiter=self.maxiter,
-            )
-            xs.append(x_k.view(rhs.shape[1:]))
-            its.append(it)
-            rels.append(rel)
-            convs.append(conv)
-        dev = rhs.device
-        return (
-            torch.stack(xs),
-            torch.tensor(its, dtype=torch.int64, device=dev),
-            torch.tensor(rels, dtype=rhs.dtype, device=dev),
-            torch.tensor(convs, dtype=torch.bool, device=dev),
-        )
-
-
-def _report(converged: torch.Tensor, iterations: torch.Tensor, rel: torch.Tensor, rtol: float, maxiter: int,
-            strict: bool, what: str) -> None:
-    """Log (or raise, when ``strict``) non-convergence of a solve."""
-    if bool(converged.all()):
-        return
-    bad = (~converged).nonzero().flatten().tolist()
-    msg = (
-        f"gn_solve {what}: CG did not reach rtol={rtol:g} within maxiter={maxiter} for batch items {bad} "
-        f"(relative residuals {[f'{v:.3g}' for v in rel[bad].tolist()]}, "
-        f"iterations {iterations[bad].tolist()})"
-    )
-    if strict:
-        raise RuntimeError(msg)
-    logger.warning(msg)
-
-
-@dataclass
-class _Config:
-    n: int
-    coupling: str
-    backend: str
-    rtol: float
-    maxiter: int
-    precondition: bool
-    eps: float
-    strict: bool
-
-
-def _build_system(H: torch.Tensor, lam_b: torch.Tensor, cfg: _Config) -> _System:
-    """Diagonal blocks ``Hd`` (+ inverses) of ``A``; ``(B, n, n, *G)`` or ``(B n, 1, 1, *G)`` (diagonal)."""
-    bsz, n = H.shape[0], cfg.n
-    grid = tuple(H.shape[3:])
-    deg = laplacian_degree(grid, H.device, H.dtype)
-    dadd = lam_b.view(bsz, *([1] * n)) * deg + cfg.eps  # (B, *G): λ deg + ε
-    if cfg.coupling == "full":
-        hd = (H + H.transpose(1, 2)).mul_(0.5)
-        hd.diagonal(dim1=1, dim2=2).add_(dadd.unsqueeze(-1))
-        lam_sys = lam_b
-    else:
-        hd = torch.diagonal(H, dim1=1, dim2=2).movedim(-1, 1) + dadd.unsqueeze(1)  # (B, n, *G)
-        hd = hd.reshape(bsz * n, 1, 1, *grid)
-        lam_sys = lam_b.repeat_interleave(n)
-    minv = block_inverse(hd) if cfg.precondition else None
-    if cfg.backend == "torch":  # store the blocks of A / λ and their inverses
-        lam_view = lam_sys.view(-1, 1, 1, *([1] * n))
-        hd = hd.div_(lam_view)
-        if minv is not None:
-            minv = minv.mul_(lam_view)
-    return _System(hd.contiguous(), minv, lam_sys.contiguous(), cfg.backend, cfg.rtol, cfg.maxiter)
-
-
-def _to_system_shape(t: torch.Tensor, cfg: _Config) -> torch.Tensor:
-    """``(B, n, *G)`` -> the system layout (``(B n, 1, *G)`` for diagonal coupling)."""
-    if cfg.coupling == "diagonal":
-        return t.reshape(t.shape[0] * cfg.n, 1, *t.shape[2:])
-    return t
-
-
-def _merge_info(b: torch.Tensor, iters: torch.Tensor, rel: torch.Tensor, conv: torch.Tensor, cfg: _Config):
-    """Per-item info from per-system info (diagonal coupling: combine the ``n`` scalar systems)."""
-    if cfg.coupling == "full":
-        return iters, rel, conv
-    bsz, n = b.shape[0], cfg.n
-    bn2 = b.reshape(bsz, n, -1).square().sum(-1)  # (B, n) ‖b_i‖²
-    res2 = (rel.view(bsz, n).square() * bn2).sum(1)
-    tot = bn2.sum(1)
-    rel_item = torch.where(tot > 0, torch.sqrt(res2 / torch.where(tot > 0, tot, torch.ones_like(tot))), 0.0)
-    return iters.view(bsz, n).amax(1), rel_item.to(rel.dtype), conv.view(bsz, n).all(1)
-
-
-class _GNSolveFn(torch.autograd.Function):
-    """``x = A(H, λ)⁻¹ b`` with implicit-differentiation backward."""
-
-    @staticmethod
-    def forward(ctx, H, b, lam, x0, cfg: _Config):
-        bsz = H.shape[0]
-        lam_b = lam.expand(bsz) if lam.dim() == 0 else lam
-        system = _build_system(H, lam_b, cfg)
-        x0_s = None if x0 is None else _to_system_shape(x0, cfg)
-        x, iters, rel, conv = system.solve(_to_system_shape(b, cfg), x0_s)
-        iters, rel, conv = _merge_info(b, iters, rel, conv, cfg)
-        _report(conv, iters, rel, cfg.rtol, cfg.maxiter, cfg.strict, "forward")
-        x = x.view(b.shape)
-        ctx.system = system
-        ctx.cfg = cfg
-        ctx.lam_dim = lam.dim()
-        ctx.save_for_backward(x)
-        ctx.mark_non_differentiable(iters, rel, conv)
-        return x, iters, rel, conv
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_x, *_unused):
-        (x,) = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
-        need_h, need_b, need_lam = ctx.needs_input_grad[:3]
-        if grad_x is None or not (need_h or need_b or need_lam):
-            return None, None, None, None, None
-        gx = _to_system_shape(grad_x.contiguous(), cfg)
-        y, iters, rel, conv = ctx.system.solve(gx, None)
-        iters, rel, conv = _merge_info(grad_x, iters, rel, conv, cfg)
-        _report(conv, iters, rel, cfg.rtol, cfg.maxiter, cfg.strict, "backward")
-        y = y.view(x.shape)
-        grad_h = grad_lam = None
-        if need_h:
-            if cfg.coupling == "full":
-                outer = y.unsqueeze(2) * x.unsqueeze(1)  # (B, n, n, *G): y_i x_j
-                grad_h = (outer + outer.transpose(1, 2)).mul_(-0.5)
-            else:
-                grad_h = x.new_zeros((x.shape[0], cfg.n, cfg.n, *x.shape[2:]))
-                grad_h.diagonal(dim1=1, dim2=2).copy_((-(y * x)).movedim(1, -1))
-        if need_lam:
-            grad_lam = -(y * laplacian_apply(x)).reshape(x.shape[0], -1).sum(1)
-            if ctx.lam_dim == 0:
-                grad_lam = grad_lam.sum()
-        return grad_h, (y if need_b else None), grad_lam, None, None
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def _check_tensor(name: str, t, ref: torch.Tensor | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if ref is None:
-        if t.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"{name} must be float32 or float64; got {t.dtype}")
-        return
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} must have the dtype of H ({ref.dtype}); got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} must be on the device of H ({ref.device}); got {t.device}")
-
-
-def _validate(H, b, lam, x0, coupling, backend, rtol, maxiter, eps) -> tuple[int, torch.Tensor, str]:
-    """Check the arguments of :func:`gn_solve`; return ``(n, lam as a tensor, resolved backend)``."""
-    if coupling not in _COUPLINGS:
-        raise ValueError(f"coupling must be one of {_COUPLINGS}; got {coupling!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
-    _check_tensor("H", H)
-    if H.dim() not in (5, 6):
-        raise ValueError(f"H must have shape (B, n, n, *G) with n = len(G) in (2, 3); got {tuple(H.shape)}")
-    n = H.dim() - 3
-    if H.shape[1] != n or H.shape[2] != n:
-        raise ValueError(f"H must have shape (B, {n}, {n}, *G) for a {n}D grid; got {tuple(H.shape)}")
-    _check_tensor("b", b, H)
-    expected_b = (H.shape[0], n, *H.shape[3:])
-    if tuple(b.shape) != expected_b:
-        raise ValueError(f"b must have shape (B, n, *G) = {expected_b} to match H; got {tuple(b.shape)}")
-    if x0 is not None:
-        _check_tensor("x0", x0, H)
-        if x0.shape != b.shape:
-            raise ValueError(f"x0 must have the shape of b {tuple(b.shape)}; got {tuple(x0.shape)}")
-    if isinstance(lam, torch.Tensor):
-        _check_tensor("lam", lam, H)
-        if lam.shape not in ((), (H.shape[0],)):
-            raise ValueError(f"lam must be a float or a tensor of shape () or (B,) = ({H.shape[0]},); "
-                             f"got shape {tuple(lam.shape)}")
-        lam_t = lam
-    elif isinstance(lam, numbers.Real) and not isinstance(lam, bool):
-        if not math.isfinite(float(lam)) or float(lam) <= 0:
-            raise ValueError(f"lam must be finite and > 0; got {lam}")
-        lam_t = torch.tensor(float(lam), dtype=H.dtype, device=H.device)
-    else:
-        raise ValueError(f"lam must be a float or a tensor; got {type(lam).__name__}")
-    if not (isinstance(rtol, numbers.Real) and rtol > 0):
-        raise ValueError(f"rtol must be > 0; got {rtol}")
-    if not (isinstance(maxiter, numbers.Integral) and maxiter >= 1):
-        raise ValueError(f"maxiter must be a positive integer; got {maxiter}")
-    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0; got {eps}")
-
-    # value checks, with a single host synchronisation
-    with torch.no_grad():
-        # min and max propagate NaN and show ±Inf: one cheap pass per tensor instead of isfinite
-        hmin, hmaxv = torch.aminmax(H.detach()) if H.numel() else (H.new_zeros(()), H.new_zeros(()))
-        bmin, bmax = torch.aminmax(b.detach()) if b.numel() else (b.new_zeros(()), b.new_zeros(()))
-        hmax = torch.maximum(hmin.abs(), hmaxv.abs())
-        asym = H.new_zeros(())
-        if coupling == "full":
-            for i in range(n):
-                for j in range(i + 1, n):
-                    asym = torch.maximum(asym, (H[:, i, j] - H[:, j, i]).abs().amax())
-        lam_d = lam_t.detach()
-        flags = torch.stack([
-            torch.isfinite(hmax),
-            torch.isfinite(bmin) & torch.isfinite(bmax),
-            torch.isfinite(lam_d).all(),
-            (lam_d > 0).all(),
-            asym <= _SYM_RTOL[H.dtype] * hmax,
-        ]).tolist()
-    if not flags[0]:
-        raise ValueError("H contains NaN or Inf")
-    if not flags[1]:
-        raise ValueError("b contains NaN or Inf")
-    if not flags[2]:
-        raise ValueError("lam contains NaN or Inf")
-    if not flags[3]:
-        raise ValueError("lam must be > 0")
-    if not flags[4]:
-        raise ValueError(
-            f"H must be symmetric per node (max |H_ij - H_ji| = {float(asym):.3g} exceeds "
-            f"{_SYM_RTOL[H.dtype]:g} * max|H| = {float(hmax):.3g})"
-        )
-
-    if backend == "auto":
-        backend = "cupy" if H.device.type == "cuda" and cupy_available() else "torch"
-    elif backend == "cupy":
-        if H.device.type != "cuda":
-            raise ValueError(f"backend='cupy' needs CUDA tensors; H is on {H.device}")
-        if not cupy_available():
-            raise RuntimeError(
-                "backend='cupy' requested but cupy (with cupyx.scipy.sparse.linalg) is unavailable"
-            )
-    return n, lam_t, backend
-
-
-# ---------------------------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------------------------- public API
 
 
 def gn_solve(
@@ -550,11 +122,418 @@ def gn_solve(
             but cupy is unavailable.
     """
     maxiter = DEFAULT_MAXITER if maxiter is None else maxiter
-    n, lam_t, backend = _validate(H, b, lam, x0, coupling, backend, rtol, maxiter, eps)
+    n, lam_t, coupling, backend = _validate(H, b, lam, x0, coupling, backend, rtol, maxiter, eps)
     cfg = _Config(n=n, coupling=coupling, backend=backend, rtol=float(rtol), maxiter=int(maxiter),
                   precondition=bool(precondition), eps=float(eps), strict=bool(strict))
     x0_d = None if x0 is None else x0.detach()
     x, iters, rel, conv = _GNSolveFn.apply(H, b, lam_t, x0_d, cfg)
     if return_info:
-        return x, GNSolveInfo(iters, rel, conv, backend)
+        return x, GNSolveInfo(iters, rel, conv, str(backend))
     return x
+
+
+@dataclass
+class _Config:
+    """The settings of one :func:`gn_solve` call, checked (``backend`` resolved: never ``"auto"``)."""
+
+    n: int
+    coupling: Coupling
+    backend: Backend
+    rtol: float
+    maxiter: int
+    precondition: bool
+    eps: float
+    strict: bool
+
+
+# ------------------------------------------------------------------------------------ the autograd function
+
+
+class _GNSolveFn(torch.autograd.Function):
+    """``x = A(H, λ)⁻¹ b`` with implicit-differentiation backward."""
+
+    @staticmethod
+    def forward(ctx, H, b, lam, x0, cfg: _Config):
+        bsz = H.shape[0]
+        lam_b = lam.expand(bsz) if lam.dim() == 0 else lam
+        system = _build_system(H, lam_b, cfg)
+        x0_s = None if x0 is None else _to_system_shape(x0, cfg)
+        x, iters, rel, conv = system.solve(_to_system_shape(b, cfg), x0_s)
+        iters, rel, conv = _merge_info(b, iters, rel, conv, cfg)
+        _report(conv, iters, rel, cfg.rtol, cfg.maxiter, cfg.strict, "forward")
+        x = x.view(b.shape)
+        ctx.system = system
+        ctx.cfg = cfg
+        ctx.lam_dim = lam.dim()
+        ctx.save_for_backward(x)
+        ctx.mark_non_differentiable(iters, rel, conv)
+        return x, iters, rel, conv
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x, *_unused):
+        (x,) = ctx.saved_tensors
+        cfg: _Config = ctx.cfg
+        need_h, need_b, need_lam = ctx.needs_input_grad[:3]
+        if grad_x is None or not (need_h or need_b or need_lam):
+            return None, None, None, None, None
+        gx = _to_system_shape(grad_x.contiguous(), cfg)
+        y, iters, rel, conv = ctx.system.solve(gx, None)
+        iters, rel, conv = _merge_info(grad_x, iters, rel, conv, cfg)
+        _report(conv, iters, rel, cfg.rtol, cfg.maxiter, cfg.strict, "backward")
+        y = y.view(x.shape)
+        grad_h = grad_lam = None
+        if need_h:
+            if cfg.coupling == Coupling.FULL:
+                outer = y.unsqueeze(2) * x.unsqueeze(1)  # (B, n, n, *G): y_i x_j
+                grad_h = (outer + outer.transpose(1, 2)).mul_(-0.5)
+            else:
+                grad_h = x.new_zeros((x.shape[0], cfg.n, cfg.n, *x.shape[2:]))
+                grad_h.diagonal(dim1=1, dim2=2).copy_((-(y * x)).movedim(1, -1))
+        if need_lam:
+            grad_lam = -(y * laplacian_apply(x)).reshape(x.shape[0], -1).sum(1)
+            if ctx.lam_dim == 0:
+                grad_lam = grad_lam.sum()
+        return grad_h, (y if need_b else None), grad_lam, None, None
+
+
+def _to_system_shape(t: torch.Tensor, cfg: _Config) -> torch.Tensor:
+    """``(B, n, *G)`` -> the system layout (``(B n, 1, *G)`` for diagonal coupling)."""
+    if cfg.coupling == Coupling.DIAGONAL:
+        return t.reshape(t.shape[0] * cfg.n, 1, *t.shape[2:])
+    return t
+
+
+def _merge_info(b: torch.Tensor, iters: torch.Tensor, rel: torch.Tensor, conv: torch.Tensor, cfg: _Config):
+    """Per-item info from per-system info (diagonal coupling: combine the ``n`` scalar systems)."""
+    if cfg.coupling == Coupling.FULL:
+        return iters, rel, conv
+    bsz, n = b.shape[0], cfg.n
+    bn2 = b.reshape(bsz, n, -1).square().sum(-1)  # (B, n) ‖b_i‖²
+    res2 = (rel.view(bsz, n).square() * bn2).sum(1)
+    tot = bn2.sum(1)
+    rel_item = torch.where(tot > 0, torch.sqrt(res2 / torch.where(tot > 0, tot, torch.ones_like(tot))), 0.0)
+    return iters.view(bsz, n).amax(1), rel_item.to(rel.dtype), conv.view(bsz, n).all(1)
+
+
+def _report(converged: torch.Tensor, iterations: torch.Tensor, rel: torch.Tensor, rtol: float, maxiter: int,
+            strict: bool, what: str) -> None:
+    """Log (or raise, when ``strict``) non-convergence of a solve."""
+    if bool(converged.all()):
+        return
+    bad = (~converged).nonzero().flatten().tolist()
+    msg = (
+        f"gn_solve {what}: CG did not reach rtol={rtol:g} within maxiter={maxiter} for batch items {bad} "
+        f"(relative residuals {[f'{v:.3g}' for v in rel[bad].tolist()]}, "
+        f"iterations {iterations[bad].tolist()})"
+    )
+    if strict:
+        raise RuntimeError(msg)
+    logger.warning(msg)
+
+
+# ---------------------------------------------------------------------------------------------- the systems
+
+
+def _build_system(H: torch.Tensor, lam_b: torch.Tensor, cfg: _Config) -> _System:
+    """Diagonal blocks ``Hd`` (+ inverses) of ``A``; ``(B, n, n, *G)`` or ``(B n, 1, 1, *G)`` (diagonal)."""
+    bsz, n = H.shape[0], cfg.n
+    grid = tuple(H.shape[3:])
+    deg = laplacian_degree(grid, H.device, H.dtype)
+    dadd = lam_b.view(bsz, *([1] * n)) * deg + cfg.eps  # (B, *G): λ deg + ε
+    if cfg.coupling == Coupling.FULL:
+        hd = (H + H.transpose(1, 2)).mul_(0.5)
+        hd.diagonal(dim1=1, dim2=2).add_(dadd.unsqueeze(-1))
+        lam_sys = lam_b
+    else:
+        hd = torch.diagonal(H, dim1=1, dim2=2).movedim(-1, 1) + dadd.unsqueeze(1)  # (B, n, *G)
+        hd = hd.reshape(bsz * n, 1, 1, *grid)
+        lam_sys = lam_b.repeat_interleave(n)
+    minv = block_inverse(hd) if cfg.precondition else None
+    if cfg.backend == Backend.TORCH:  # store the blocks of A / λ and their inverses
+        lam_view = lam_sys.view(-1, 1, 1, *([1] * n))
+        hd = hd.div_(lam_view)
+        if minv is not None:
+            minv = minv.mul_(lam_view)
+    return _System(hd.contiguous(), minv, lam_sys.contiguous(), cfg.backend, cfg.rtol, cfg.maxiter)
+
+
+@dataclass
+class _System:
+    """One batch of SPD systems ``(Hd − λ S⊗I) x = rhs``, ``(B', c, *G)``, and how to solve them.
+
+    For the torch backend ``hd`` and ``minv`` are stored divided / multiplied by λ (the system ``A / λ``,
+    whose operator needs no λ); for the cupy backend they are stored as they are.
+    """
+
+    hd: torch.Tensor  # (B', c, c, *G): Hd, or Hd / λ (torch backend)
+    minv: torch.Tensor | None  # (B', c, c, *G): Hd⁻¹, or λ Hd⁻¹ (torch backend); None without preconditioner
+    lam: torch.Tensor  # (B',)
+    backend: Backend
+    rtol: float
+    maxiter: int
+
+    def solve(self, rhs: torch.Tensor, x0: torch.Tensor | None):
+        """-> ``(x, iterations (B',), rel_residual (B',), converged (B',))``."""
+        if self.backend == Backend.TORCH:
+            precond = _BlockPreconditioner(self.minv) if self.minv is not None else None
+            rhs_scaled = rhs / self.lam.view(-1, *([1] * (rhs.dim() - 1)))  # (A / λ) x = b / λ
+            res = cg(_GNOperator(self.hd), rhs_scaled, precond=precond, x0=x0, rtol=self.rtol,
+                     maxiter=self.maxiter)
+            return res.x, res.iterations, res.rel_residual, res.converged
+        xs, its, rels, convs = [], [], [], []
+        for k in range(rhs.shape[0]):
+            a = system_csr_from_blocks(self.hd[k], self.lam[k], Coupling.FULL)
+            m = block_diagonal_csr(self.minv[k]) if self.minv is not None else None
+            x_k, it, rel, conv = cg_cupy(
+                a, rhs[k].reshape(-1), M=m, x0=None if x0 is None else x0[k].reshape(-1),
+                rtol=self.rtol, maxiter=self.maxiter,
+            )
+            xs.append(x_k.view(rhs.shape[1:]))
+            its.append(it)
+            rels.append(rel)
+            convs.append(conv)
+        dev = rhs.device
+        return (
+            torch.stack(xs),
+            torch.tensor(its, dtype=torch.int64, device=dev),
+            torch.tensor(rels, dtype=rhs.dtype, device=dev),
+            torch.tensor(convs, dtype=torch.bool, device=dev),
+        )
+
+
+# ------------------------------------------------------------------ matrix-free operator and preconditioner
+
+
+class _GNOperator:
+    """Matrix-free ``A' x = Hd' x − S x`` for a batch of systems ``(B, c, *G)``.
+
+    ``Hd' = Hd / λ`` are the per-node diagonal blocks of the system divided by λ (per item), so that the
+    Laplacian part needs no scaling: ``A' = A / λ``. Per call: ``c`` fused multiply-adds (blocks) and ``2n``
+    shifted in-place subtractions (adjacency ``S``: the views of :func:`layers.laplacian.adjacency_views`,
+    made once per buffer, as in :func:`layers.laplacian.adjacency_apply_`); no allocation.
+    """
+
+    accepts_out = True
+
+    def __init__(self, hd_scaled: torch.Tensor) -> None:
+        self.blocks = _BlockApply(hd_scaled)  # (B, c, c, *G)
+        self._adj = _ViewCache(adjacency_views)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty_like(x)
+        out = self.blocks(x, out)
+        for target, source in self._adj(out, x):
+            target.sub_(source)
+        return out
+
+
+class _BlockApply:
+    """``out = blocks · x`` per node (symmetric blocks, see :func:`block_apply`) with cached views."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        c = blocks.shape[1]
+        self.rows = [blocks[:, j] for j in range(c)]  # row j == column j (symmetric)
+        self.comps = _ViewCache(lambda x: [x[:, j : j + 1] for j in range(c)])
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        comps = self.comps(x)
+        out = torch.mul(self.rows[0], comps[0], out=out)
+        for h, xj in zip(self.rows[1:], comps[1:]):
+            out.addcmul_(h, xj)
+        return out
+
+
+class _BlockPreconditioner(_BlockApply):
+    """Block-Jacobi preconditioner ``z = Hd⁻¹ r`` per node (``minv`` ``(B, c, c, *G)``, symmetric)."""
+
+    accepts_out = True
+
+
+class _ViewCache:
+    """Views of the few fixed CG buffers, made once per buffer instead of once per operator call.
+
+    Keyed by ``(data_ptr, shape, stride)``; the cached views keep their storage alive, so a key cannot be
+    reused by another tensor while cached. Bounded; meant to live for one solve.
+    """
+
+    def __init__(self, make) -> None:
+        self._make = make
+        self._views: dict = {}
+
+    def __call__(self, *tensors: torch.Tensor):
+        key = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 16:
+                self._views.clear()
+            views = self._views[key] = self._make(*tensors)
+        return views
+
+
+def block_apply(blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-node product with **symmetric** ``c×c`` blocks: ``out[:, i] = Σ_j blocks[:, i, j] x[:, j]``.
+
+    Args:
+        blocks: ``(B, c, c, *G)``, symmetric in dims 1 and 2 (row ``j`` is used as column ``j``).
+        x: ``(B, c, *G)``.
+        out: optional ``(B, c, *G)`` buffer (must not alias ``x``).
+
+    Returns:
+        ``(B, c, *G)`` (``out`` when given). ``c`` fused multiply-adds over ``(B, c, *G)`` (the kernel of
+        :class:`_BlockApply`, which the CG loop uses with its views made once).
+    """
+    return _BlockApply(blocks)(x, out)
+
+
+def block_inverse(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of symmetric positive-definite per-node blocks ``(B, c, c, *G)`` -> ``(B, c, c, *G)``.
+
+    Closed form (adjugate / determinant) for ``c ≤ 3``, written into one preallocated, exactly symmetric
+    output; ``torch.linalg.inv`` otherwise.
+    """
+    c = blocks.shape[1]
+    if c == 1:
+        return blocks.reciprocal()
+    if c > 3:
+        inv = torch.linalg.inv(torch.movedim(torch.movedim(blocks, 1, -1), 1, -1))
+        inv = torch.movedim(torch.movedim(inv, -1, 1), -1, 1)
+        return (inv + inv.transpose(1, 2)).mul_(0.5)
+    out = torch.empty_like(blocks)
+    h = [[blocks[:, i, j] for j in range(c)] for i in range(c)]
+    o = [[out[:, i, j] for j in range(c)] for i in range(c)]
+    if c == 2:
+        a, b, d = h[0][0], h[0][1], h[1][1]
+        inv_det = torch.mul(a, d).addcmul_(b, b, value=-1.0).reciprocal_()
+        torch.mul(d, inv_det, out=o[0][0])
+        torch.mul(a, inv_det, out=o[1][1])
+        torch.mul(b, inv_det, out=o[0][1]).neg_()
+        o[1][0].copy_(o[0][1])
+        return out
+    a, b, cc = h[0][0], h[0][1], h[0][2]
+    d, e, f = h[1][1], h[1][2], h[2][2]
+
+    def cofactor(dst, p, q, r, t):  # dst = p q − r t
+        return torch.mul(p, q, out=dst).addcmul_(r, t, value=-1.0)
+
+    cofactor(o[0][0], d, f, e, e)
+    cofactor(o[0][1], cc, e, b, f)
+    cofactor(o[0][2], b, e, cc, d)
+    cofactor(o[1][1], a, f, cc, cc)
+    cofactor(o[1][2], b, cc, a, e)
+    cofactor(o[2][2], a, d, b, b)
+    inv_det = torch.mul(a, o[0][0]).addcmul_(b, o[0][1]).addcmul_(cc, o[0][2]).reciprocal_()
+    for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)):
+        o[i][j].mul_(inv_det)
+    for i, j in ((1, 0), (2, 0), (2, 1)):
+        o[i][j].copy_(o[j][i])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _validate(H, b, lam, x0, coupling, backend, rtol, maxiter, eps) -> tuple[int, torch.Tensor, Coupling, Backend]:
+    """Check the arguments of :func:`gn_solve`; return ``(n, lam as a tensor, coupling, resolved backend)``.
+
+    Type and shape checks first (each message names the argument), then the value checks with one host
+    synchronisation, then the backend (``"auto"`` resolved, ``"cupy"`` checked).
+    """
+    coupling = Coupling.lookup(coupling, "coupling")
+    backend = Backend.lookup(backend, "backend")
+    _check_tensor("H", H)
+    if H.dim() not in (5, 6):
+        raise ValueError(f"H must have shape (B, n, n, *G) with n = len(G) in (2, 3); got {tuple(H.shape)}")
+    n = H.dim() - 3
+    if H.shape[1] != n or H.shape[2] != n:
+        raise ValueError(f"H must have shape (B, {n}, {n}, *G) for a {n}D grid; got {tuple(H.shape)}")
+    _check_tensor("b", b, H)
+    expected_b = (H.shape[0], n, *H.shape[3:])
+    if tuple(b.shape) != expected_b:
+        raise ValueError(f"b must have shape (B, n, *G) = {expected_b} to match H; got {tuple(b.shape)}")
+    if x0 is not None:
+        _check_tensor("x0", x0, H)
+        if x0.shape != b.shape:
+            raise ValueError(f"x0 must have the shape of b {tuple(b.shape)}; got {tuple(x0.shape)}")
+    if isinstance(lam, torch.Tensor):
+        _check_tensor("lam", lam, H)
+        if lam.shape not in ((), (H.shape[0],)):
+            raise ValueError(f"lam must be a float or a tensor of shape () or (B,) = ({H.shape[0]},); "
+                             f"got shape {tuple(lam.shape)}")
+        lam_t = lam
+    elif isinstance(lam, numbers.Real) and not isinstance(lam, bool):
+        if not math.isfinite(float(lam)) or float(lam) <= 0:
+            raise ValueError(f"lam must be finite and > 0; got {lam}")
+        lam_t = torch.tensor(float(lam), dtype=H.dtype, device=H.device)
+    else:
+        raise ValueError(f"lam must be a float or a tensor; got {type(lam).__name__}")
+    if not (isinstance(rtol, numbers.Real) and rtol > 0):
+        raise ValueError(f"rtol must be > 0; got {rtol}")
+    if not (isinstance(maxiter, numbers.Integral) and maxiter >= 1):
+        raise ValueError(f"maxiter must be a positive integer; got {maxiter}")
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0; got {eps}")
+
+    # value checks, with a single host synchronisation
+    with torch.no_grad():
+        # min and max propagate NaN and show ±Inf: one cheap pass per tensor instead of isfinite
+        hmin, hmaxv = torch.aminmax(H.detach()) if H.numel() else (H.new_zeros(()), H.new_zeros(()))
+        bmin, bmax = torch.aminmax(b.detach()) if b.numel() else (b.new_zeros(()), b.new_zeros(()))
+        hmax = torch.maximum(hmin.abs(), hmaxv.abs())
+        asym = H.new_zeros(())
+        if coupling == Coupling.FULL:
+            for i in range(n):
+                for j in range(i + 1, n):
+                    asym = torch.maximum(asym, (H[:, i, j] - H[:, j, i]).abs().amax())
+        lam_d = lam_t.detach()
+        flags = torch.stack([
+            torch.isfinite(hmax),
+            torch.isfinite(bmin) & torch.isfinite(bmax),
+            torch.isfinite(lam_d).all(),
+            (lam_d > 0).all(),
+            asym <= _SYM_RTOL[H.dtype] * hmax,
+        ]).tolist()
+    if not flags[0]:
+        raise ValueError("H contains NaN or Inf")
+    if not flags[1]:
+        raise ValueError("b contains NaN or Inf")
+    if not flags[2]:
+        raise ValueError("lam contains NaN or Inf")
+    if not flags[3]:
+        raise ValueError("lam must be > 0")
+    if not flags[4]:
+        raise ValueError(
+            f"H must be symmetric per node (max |H_ij - H_ji| = {float(asym):.3g} exceeds "
+            f"{_SYM_RTOL[H.dtype]:g} * max|H| = {float(hmax):.3g})"
+        )
+
+    return n, lam_t, coupling, _resolve_backend(backend, H.device)
+
+
+def _resolve_backend(backend: Backend, device: torch.device) -> Backend:
+    """``"auto"`` -> cupy for CUDA tensors when it is available, torch otherwise; ``"cupy"`` checked."""
+    if backend == Backend.AUTO:
+        return Backend.CUPY if device.type == "cuda" and cupy_available() else Backend.TORCH
+    if backend == Backend.CUPY:
+        if device.type != "cuda":
+            raise ValueError(f"backend='cupy' needs CUDA tensors; H is on {device}")
+        if not cupy_available():
+            raise RuntimeError(
+                "backend='cupy' requested but cupy (with cupyx.scipy.sparse.linalg) is unavailable"
+            )
+    return backend
+
+
+def _check_tensor(name: str, t, ref: torch.Tensor | None = None) -> None:
+    """``t`` is a tensor: float32/float64 (``ref=None``, for ``H``), else of ``ref``'s dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if ref is None:
+        if t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name} must be float32 or float64; got {t.dtype}")
+        return
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the dtype of H ({ref.dtype}); got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of H ({ref.device}); got {t.device}")

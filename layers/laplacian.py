@@ -11,15 +11,18 @@ The Gauss-Newton system matrix of one batch item is
 
 with ``c`` unknowns per node. Its unknowns are ordered component-major, as a ``(c, *G)`` field is
 flattened: unknown ``i`` of node ``p`` has index ``i * N + p`` (so ``L⊗I_c`` is ``kron(I_c, L)`` as a
-matrix). :func:`assemble_system_csr` builds it as a torch sparse CSR tensor (for the cupy backend and for
-tests); the torch backend never assembles it (see :mod:`layers.gn_solve`).
+matrix). :func:`system_csr_from_blocks` builds it as a torch sparse CSR tensor for the cupy backend
+(:mod:`layers.cupy_backend`, which hands it to cupy), :func:`assemble_system_csr` from ``H`` for tests; the
+torch backend never assembles it (see :mod:`layers.gn_solve`).
 
 All structures depend only on the grid shape; they are built once and cached per shape, device and dtype.
 
 Stencil variants timed on a ``(1, 3, 56, 48, 56)`` float32 field, 2 CPU threads (torch 2.13): replicate-pad
 + shifted views 0.38 ms, in-place shifted slice subtractions 0.32 ms, ``torch.diff`` form 0.45 ms,
 ``conv3d`` with a 7-point kernel 3.6 ms. :func:`laplacian_apply` uses the first (one allocation besides its
-output, autograd-friendly); the GN operator uses the second, in place (:func:`adjacency_apply_`).
+output, autograd-friendly); the GN operator uses the second, in place (:func:`adjacency_views`, as in
+:func:`adjacency_apply_`). cupy is never imported here: the hand-over of these CSR tensors to cupy is in
+:mod:`layers.cupy_backend`.
 """
 
 from __future__ import annotations
@@ -32,18 +35,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .enums import Coupling
+
 __all__ = [
     "adjacency_apply_",
+    "adjacency_views",
     "assemble_system_csr",
-    "csr_to_cupy",
+    "block_diagonal_csr",
     "laplacian_apply",
     "laplacian_csr",
-    "laplacian_csr_cupy",
     "laplacian_degree",
-    "system_csr_from_blocks",
     "sparse_csr",
+    "system_csr_from_blocks",
     "system_structure",
-    "torch_to_cupy",
 ]
 
 _CACHE_SIZE = 32
@@ -83,6 +87,22 @@ def laplacian_apply(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def adjacency_views(out: torch.Tensor, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(target, source)`` view pairs such that ``target -= source`` for every pair is ``out -= S x``.
+
+    ``S = deg·I - L`` is the grid adjacency matrix, applied per channel. Args as :func:`adjacency_apply_`;
+    at most ``2n`` pairs (none along an axis of size 1). The views depend only on the two tensors, so a caller
+    that applies ``S`` many times to the same buffers (the GN operator) makes them once.
+    """
+    pairs = []
+    for ax in range(2, x.dim()):
+        m = x.shape[ax] - 1
+        if m > 0:
+            pairs.append((out.narrow(ax, 1, m), x.narrow(ax, 0, m)))
+            pairs.append((out.narrow(ax, 0, m), x.narrow(ax, 1, m)))
+    return pairs
+
+
 def adjacency_apply_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """In place ``out -= S x`` with ``S`` the grid adjacency matrix (``S = deg·I - L``), per channel.
 
@@ -91,16 +111,10 @@ def adjacency_apply_(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x: ``(B, C, *G)``, same shape as ``out`` (and not aliasing it).
 
     Used by the matrix-free GN operator ``A x = Hd x - λ S x`` (``Hd`` holds the per-node diagonal block
-    including ``λ deg``); ``2n`` strided in-place subtractions, no allocation.
+    including ``λ deg``); ``2n`` strided in-place subtractions (:func:`adjacency_views`), no allocation.
     """
-    nd = x.dim() - 2
-    for d in range(nd):
-        ax = 2 + d
-        m = x.shape[ax] - 1
-        if m <= 0:
-            continue
-        out.narrow(ax, 1, m).sub_(x.narrow(ax, 0, m))
-        out.narrow(ax, 0, m).sub_(x.narrow(ax, 1, m))
+    for target, source in adjacency_views(out, x):
+        target.sub_(source)
     return out
 
 
@@ -188,67 +202,6 @@ def laplacian_csr(
     return _laplacian_csr_cached(_shape(shape), torch.device(device or "cpu"), dtype)
 
 
-def _import_cupy_sparse():
-    """Lazy import of ``cupy`` and ``cupyx.scipy.sparse``; ``ImportError`` when unavailable."""
-    import cupy
-    import cupyx.scipy.sparse as cpx_sparse
-
-    return cupy, cpx_sparse
-
-
-def torch_to_cupy(t: torch.Tensor):
-    """Zero-copy view of a CUDA tensor as a cupy array (DLPack).
-
-    Args:
-        t: CUDA tensor of any shape and dtype; it may require grad.
-
-    Returns:
-        a cupy array sharing ``t``'s memory (no copy): writes through either are seen by the other, and
-        autograd does not see what cupy does with it.
-
-    The export is made from ``t.detach()``, a view of the same storage that does not require grad:
-    ``Tensor.__dlpack__`` refuses tensors that require grad (``BufferError``), and inside the GN solve's
-    autograd function the right-hand side ``b`` (and views of it) still require grad. Gradients are not lost:
-    the solve's backward is implicit (docs/design.md §3) and never differentiates through cupy.
-    """
-    import cupy
-
-    t = t.detach()
-    if hasattr(cupy, "from_dlpack"):
-        return cupy.from_dlpack(t)
-    return cupy.fromDlpack(torch.utils.dlpack.to_dlpack(t))  # cupy < 10
-
-
-def csr_to_cupy(a: torch.Tensor):
-    """Zero-copy conversion of a CUDA torch sparse CSR tensor to ``cupyx.scipy.sparse.csr_matrix``.
-
-    The cupy matrix shares ``crow_indices``/``col_indices``/``values`` memory with ``a`` through DLPack
-    (indices must be int32, as produced by this module; ``a`` may require grad, see :func:`torch_to_cupy`).
-    Requires cupy; raises ``ImportError`` otherwise.
-    """
-    _, cpx_sparse = _import_cupy_sparse()
-    if a.layout != torch.sparse_csr:
-        raise ValueError(f"a must be a sparse CSR tensor; got layout {a.layout}")
-    if a.crow_indices().dtype != torch.int32:
-        raise ValueError("a must have int32 indices for cupy")
-    data = torch_to_cupy(a.values())
-    indices = torch_to_cupy(a.col_indices())
-    indptr = torch_to_cupy(a.crow_indices())
-    return cpx_sparse.csr_matrix((data, indices, indptr), shape=tuple(a.shape), copy=False)
-
-
-def laplacian_csr_cupy(shape: Sequence[int], device: torch.device | str, dtype: torch.dtype = torch.float32):
-    """The grid Laplacian as a ``cupyx.scipy.sparse.csr_matrix`` on a CUDA ``device``.
-
-    A zero-copy DLPack view of the cached :func:`laplacian_csr` tensor (do not modify it). cupy is imported
-    lazily; raises ``ImportError`` when it is not installed.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"device must be a CUDA device for cupy; got {device}")
-    return csr_to_cupy(laplacian_csr(shape, device, dtype))
-
-
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _system_structure_cached(
     shape: tuple[int, ...], c: int, full: bool, device: torch.device
@@ -288,9 +241,8 @@ def system_structure(
     ``v = cat(block_values, [-λ])``, where ``block_values`` is the per-node block flattened as
     ``(c, c, N)`` (``coupling="full"``) or its diagonal as ``(c, N)`` (``coupling="diagonal"``).
     """
-    if coupling not in ("full", "diagonal"):
-        raise ValueError(f"coupling must be 'full' or 'diagonal'; got {coupling!r}")
-    return _system_structure_cached(_shape(shape), int(c), coupling == "full", torch.device(device or "cpu"))
+    full = Coupling.lookup(coupling) == Coupling.FULL
+    return _system_structure_cached(_shape(shape), int(c), full, torch.device(device or "cpu"))
 
 
 def system_csr_from_blocks(
@@ -311,7 +263,7 @@ def system_csr_from_blocks(
     grid = tuple(hd.shape[2:])
     n_nodes = math.prod(grid)
     crow, col, src = system_structure(grid, c, coupling, hd.device)
-    if coupling == "full":
+    if Coupling.lookup(coupling) == Coupling.FULL:
         block = hd.reshape(-1)
     else:
         block = torch.diagonal(hd.reshape(c, c, n_nodes), dim1=0, dim2=1).t().reshape(-1)
@@ -345,3 +297,29 @@ def assemble_system_csr(
     eye = torch.eye(c, dtype=H.dtype, device=H.device).view(c, c, *([1] * len(grid)))
     hd = H + eye * (lam_t * deg + eps)
     return system_csr_from_blocks(hd, lam_t, coupling)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _block_csr_structure(n_nodes: int, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    crow = torch.arange(0, c * c * n_nodes + 1, c, dtype=torch.int32)
+    node = torch.arange(n_nodes, dtype=torch.int64).view(1, n_nodes, 1)
+    comp = torch.arange(c, dtype=torch.int64).view(1, 1, c)
+    col = (comp * n_nodes + node).expand(c, n_nodes, c).reshape(-1).to(torch.int32)
+    return crow.to(device), col.to(device)
+
+
+def block_diagonal_csr(blocks: torch.Tensor) -> torch.Tensor:
+    """CSR ``blockdiag_p(blocks(p))`` of one batch item (e.g. the block-Jacobi preconditioner of the cupy
+    backend).
+
+    Args:
+        blocks: ``(c, c, *G)`` per-node blocks.
+
+    Returns:
+        ``(c N, c N)`` sparse CSR tensor with int32 indices, unknowns ordered ``i * N + node``.
+    """
+    c = blocks.shape[0]
+    n_nodes = blocks[0, 0].numel()
+    crow, col = _block_csr_structure(n_nodes, c, blocks.device)
+    values = blocks.reshape(c, c, n_nodes).permute(0, 2, 1).reshape(-1)
+    return sparse_csr(crow, col, values, c * n_nodes)

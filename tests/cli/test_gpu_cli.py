@@ -17,7 +17,7 @@ import torch
 
 import eval as eval_cli
 import train
-from layers.cg import cupy_available
+from layers.cupy_backend import cupy_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore")]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layers.cg import cg, cupy_available
+from layers.cg import cg
+from layers.cupy_backend import cupy_available
 
 
 def _spd_batch(sizes_cond, m=30, seed=0):

@@ -1,5 +1,5 @@
-"""The cupy glue on the CPU: DLPack export (:func:`layers.laplacian.torch_to_cupy`), CSR hand-over
-(:func:`layers.laplacian.csr_to_cupy`), :func:`layers.cg.cg_cupy` and the cupy path of ``gn_solve`` with
+"""The cupy glue on the CPU: DLPack export (:func:`layers.cupy_backend.torch_to_cupy`), CSR hand-over
+(:func:`layers.cupy_backend.csr_to_cupy`), :func:`layers.cupy_backend.cg_cupy` and the cupy path of ``gn_solve`` with
 autograd, run against a stand-in for cupy made of NumPy and SciPy.
 
 The stand-in is faithful where an earlier bug of the GN solve on the GPU lived: ``numpy.from_dlpack`` goes through
@@ -25,11 +25,12 @@ import scipy.sparse.linalg
 import torch
 
 from layers import gn_solve
-from layers.laplacian import csr_to_cupy, laplacian_csr, laplacian_degree, system_csr_from_blocks, torch_to_cupy
+from layers.cupy_backend import csr_to_cupy, torch_to_cupy
+from layers.laplacian import laplacian_csr, laplacian_degree, system_csr_from_blocks
 
 from .test_gn_solve import EPS, GRIDS, random_problem
 
-cg_module = importlib.import_module("layers.cg")
+cg_module = importlib.import_module("layers.cupy_backend")
 gs = importlib.import_module("layers.gn_solve")  # the module (``layers.gn_solve`` is the function)
 
 

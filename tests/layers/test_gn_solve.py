@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from layers import gn_solve
-from layers.cg import cupy_available
+from layers.cupy_backend import cupy_available
 from layers.gn_solve import GNSolveInfo, block_apply, block_inverse
 
 EPS = 1e-6
@@ -317,7 +317,7 @@ def test_slightly_asymmetric_float32_h_is_accepted():
 
 
 def _scipy_cg_like_cupy(A, b, *, M=None, x0=None, rtol=1e-3, maxiter=1000):
-    """Stand-in for :func:`layers.cg.cg_cupy` on the CPU: the same CSR tensors, solved by SciPy's CG."""
+    """Stand-in for :func:`layers.cupy_backend.cg_cupy` on the CPU: the same CSR tensors, solved by SciPy's CG."""
     import scipy.sparse as sp
     import scipy.sparse.linalg as spla
 

@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
-from layers.cg import cupy_available
+from layers.cupy_backend import cupy_available, laplacian_csr_cupy
 from layers.laplacian import (
     adjacency_apply_,
     assemble_system_csr,
     laplacian_apply,
     laplacian_csr,
-    laplacian_csr_cupy,
     laplacian_degree,
 )
 

@@ -14,7 +14,7 @@ import torch
 
 from data.collate import collate_pairs
 from data.synthetic import SyntheticPairs
-from layers.cg import cupy_available
+from layers.cupy_backend import cupy_available
 from lightning_modules.learngn import LearnGN
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore")]

@@ -1,0 +1,61 @@
+"""String options as enums, with one lookup (MONAI's ``StrEnum`` + ``look_up_option`` style).
+
+An option that a user writes as a string (in a YAML file, on the command line, as a keyword argument) is a
+:class:`StrEnum`: its members *are* strings (``Coupling.FULL == "full"``), so configurations and callers keep
+passing plain strings, and every check of such an option goes through :meth:`StrEnum.lookup`, which raises
+one clear ``ValueError`` that names the option and its choices.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["Backend", "Coupling", "StrEnum"]
+
+
+class StrEnum(str, Enum):
+    """An enum whose members are strings; ``str(member)`` is its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def lookup(cls, value, name: str | None = None):
+        """The member whose value is ``value`` (a member or its string).
+
+        Args:
+            value: a member of the enum or its string value.
+            name: the option's name in the message (default: the enum's name in snake case).
+
+        Raises:
+            ValueError: ``"<name> must be one of ('a', 'b'); got 'c'"`` for anything else.
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        choices = tuple(m.value for m in cls)
+        raise ValueError(f"{name or cls.option_name()} must be one of {choices}; got {value!r}")
+
+    @classmethod
+    def option_name(cls) -> str:
+        """The option's default name in messages: the class name in snake case (``"Coupling"`` -> ``"coupling"``)."""
+        return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(cls.__name__))
+
+
+class Coupling(StrEnum):
+    """How the ``n`` displacement components of a node are coupled in the GN system (docs/design.md §3)."""
+
+    FULL = "full"  #: the ``n×n`` blocks ``H(p)``
+    DIAGONAL = "diagonal"  #: cross terms dropped: ``n`` independent scalar systems
+
+
+class Backend(StrEnum):
+    """Which CG backend solves the GN system (docs/design.md §3)."""
+
+    AUTO = "auto"  #: cupy for CUDA tensors when it is available, torch otherwise
+    TORCH = "torch"  #: matrix-free batched PCG in torch (:func:`layers.cg.cg`), any device
+    CUPY = "cupy"  #: CSR matrices and ``cupyx.scipy.sparse.linalg.cg`` (:mod:`layers.cupy_backend`)
