@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moving", help="moving image (any grid: resampled onto the fixed grid from the affines)")
     g.add_argument("--fixed-labels", help="fixed label map (for Dice / HD95 in metrics.json)")
     g.add_argument("--moving-labels", help="moving label map (warped to warped_labels.nii.gz)")
-    g.add_argument("--fixed-mask", help="fixed mask (> 0 inside)")
-    g.add_argument("--moving-mask", help="moving mask (> 0 inside)")
+    g.add_argument("--fixed-mask", help="fixed mask (> 0 inside): restricts the similarity terms (the method's "
+                   "use_masks, on unless --method-arg use_masks=false) and SDlogJ / folding")
+    g.add_argument("--moving-mask", help="moving mask (> 0 inside): restricts the similarity terms (use_masks)")
     g.add_argument("--intensity", choices=("ct", "mr", "none"), default=None,
                    help="intensity normalisation of the two images (default: the checkpoint's data setting for "
                         "learngn when it names one, else none = min-max)")
@@ -430,6 +431,8 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     method_args = read_method_config(args.method_config) if args.method_config else {}
     method_args.update(_key_values(args.method_arg, "--method-arg"))
     model, meta = build_method(args, method_args)
+    if (args.fixed_mask or args.moving_mask) and "use_masks" not in method_args and hasattr(model, "use_masks"):
+        model.use_masks = True  # mask files restrict the method's similarity terms (docs/design.md §3, §6)
     intensity = args.intensity or _checkpoint_intensity(meta)
     sample = load_file_pair(args.fixed, args.moving, fixed_labels=args.fixed_labels,
                             moving_labels=args.moving_labels, fixed_mask=args.fixed_mask,

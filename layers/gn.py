@@ -5,7 +5,8 @@ One step, on a grid of stride ``s`` (``G = Sp / s`` nodes, ``Sp`` the feature sh
 
 1. upsample ``u`` to ``Sp`` and warp the moving features: ``W = moving(x + u(x))``;
 2. ``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)`` from ``(fixed, W)`` (handcrafted or learned heads);
-3. ``H = Σ_c J_cᵀ J_c`` ``(B, n, n, *G)``, ``g = Σ_c J_cᵀ f_c`` ``(B, n, *G)``;
+3. ``H = Σ_c J_cᵀ J_c`` ``(B, n, n, *G)``, ``g = Σ_c J_cᵀ f_c`` ``(B, n, *G)`` (with masks, each node's
+   terms weighted by the masks' similarity weight averaged over its block, :mod:`layers.masks`);
 4. solve ``(H + λ L⊗I) δ = −(g + λ (L⊗I) u)`` with :func:`layers.gn_solve` (differentiable);
 5. ``u ← u + α δ``.
 """
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gn_solve import gn_solve
-from .grid import channels_last, coarse_shape, spatial_dims, upsample_field
+from .grid import channels_last, coarse_shape, pool_to_grid, spatial_dims, upsample_field
 from .heads import handcrafted_jf
 from .laplacian import laplacian_apply
+from .masks import check_mask, similarity_weight
 from .warp import compose, warp_image
 
 __all__ = ["UPDATES", "GNRegistration", "assemble_normal_equations", "geometric_schedule", "gn_step",
@@ -47,24 +49,32 @@ def geometric_schedule(start: float, end: float, steps: int) -> list[float]:
 
 
 def assemble_normal_equations(
-    jac: torch.Tensor, res: torch.Tensor, weights: torch.Tensor | None = None
+    jac: torch.Tensor, res: torch.Tensor, weights: torch.Tensor | None = None,
+    node_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``H = Σ_c w_c J_cᵀ J_c`` ``(B, n, n, *G)`` and ``g = Σ_c w_c J_cᵀ f_c`` ``(B, n, *G)`` from
+    """``H = Σ_c ω w_c J_cᵀ J_c`` ``(B, n, n, *G)`` and ``g = Σ_c ω w_c J_cᵀ f_c`` ``(B, n, *G)`` from
     ``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)``.
 
     ``weights`` ``(C,)`` (default all 1) weight each channel's data term ``½ w_c |f_c|²``; they must be >= 0.
     Both ``H`` and ``g`` are *linear* in ``w_c``, so a channel whose weight starts at 0 still receives a
     gradient (scaling the channel's features by ``sqrt(w_c)`` would give the same system, but its gradient at
-    0 would vanish).
+    0 would vanish). ``node_weights`` ``ω`` ``(B, 1, *G)`` / ``(1, 1, *G)`` (default 1, >= 0) weight each node's
+    data term the same way (the masks' similarity weight pooled to the grid, :func:`gn_step`); a node of weight
+    0 contributes nothing, so ``H`` and ``g`` do not depend on its ``J`` and ``f``.
     """
     if jac.dim() != res.dim() + 1 or jac.shape[:2] != res.shape[:2] or jac.shape[3:] != res.shape[2:]:
         raise ValueError(f"J {tuple(jac.shape)} and f {tuple(res.shape)} do not match (B, C, n, *G)/(B, C, *G)")
+    wj = jac
     if weights is not None:
         if weights.shape != (jac.shape[1],):
             raise ValueError(f"channel weights must be ({jac.shape[1]},); got {tuple(weights.shape)}")
-        wj = jac * weights.to(jac.dtype).view(1, -1, *([1] * (jac.dim() - 2)))
-    else:
-        wj = jac
+        wj = wj * weights.to(jac.dtype).view(1, -1, *([1] * (jac.dim() - 2)))
+    if node_weights is not None:
+        if node_weights.dim() != res.dim() or node_weights.shape[1] != 1 \
+                or node_weights.shape[0] not in (1, res.shape[0]) or node_weights.shape[2:] != res.shape[2:]:
+            raise ValueError(f"node_weights must be {(res.shape[0], 1, *res.shape[2:])}; "
+                             f"got {tuple(node_weights.shape)}")
+        wj = wj * node_weights.to(jac.dtype).unsqueeze(2)
     hess = torch.einsum("bci...,bcj...->bij...", wj, jac)
     grad = torch.einsum("bci...,bc...->bi...", wj, res)
     return hess, grad
@@ -96,6 +106,8 @@ def gn_step(
     detach_warp: bool = False,
     update: str = "add",
     channel_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
     **solver_kwargs,
 ) -> torch.Tensor:
     """One Gauss-Newton step; returns the updated coarse field.
@@ -115,14 +127,24 @@ def gn_step(
             demons-type registration).
         channel_weights: ``(C,)`` weights ``>= 0`` of the feature channels' data terms (default 1; see
             :func:`assemble_normal_equations`).
+        mask: optional fixed mask ``(B, 1, *Sp)`` (or batch 1) in ``[0, 1]`` on the feature grid;
+        moving_mask: optional moving mask, the same shape, warped with the current field (no gradient). Each
+            node's data term is weighted by ``m_F · m_M ∘ (id + u)`` averaged over its ``stride^n`` block
+            (:func:`layers.masks.similarity_weight`, :func:`layers.grid.pool_to_grid`); all-ones masks give the
+            unmasked step.
         solver_kwargs: passed to :func:`layers.gn_solve` (``rtol``, ``maxiter``, ``backend``, ...).
     """
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; known: {', '.join(UPDATES)}")
     shape = fixed.shape[2:]
-    warped = warp_image(moving, upsample_field(u.detach() if detach_warp else u, shape, stride))
+    masks = [None if m is None else check_mask(m, fixed, name, check_values=False)
+             for m, name in ((mask, "mask"), (moving_mask, "moving_mask"))]
+    disp = upsample_field(u.detach() if detach_warp else u, shape, stride)
+    warped = warp_image(moving, disp)
     jac, res = jf(fixed, warped) if jf is not None else handcrafted_jf(fixed, warped, stride)
-    hess, grad = assemble_normal_equations(jac, res, channel_weights)
+    weight = similarity_weight(masks[0], masks[1], disp)
+    node_weights = None if weight is None else pool_to_grid(weight, stride)
+    hess, grad = assemble_normal_equations(jac, res, channel_weights, node_weights)
     lam_b = lam.reshape(-1, *([1] * (u.dim() - 1))) if torch.is_tensor(lam) else lam
     rhs = -(grad + lam_b * laplacian_apply(u)) if update == "add" else -grad
     delta = gn_solve(hess, rhs, lam, coupling=coupling, **solver_kwargs)
@@ -203,6 +225,8 @@ class GNRegistration(nn.Module):
         step: torch.Tensor | None = None,
         return_history: bool = False,
         channel_weights: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
     ) -> GNOutput:
         """Register ``moving`` to ``fixed``.
 
@@ -214,6 +238,9 @@ class GNRegistration(nn.Module):
             return_history: keep the coarse field after each iteration.
             channel_weights: ``(C,)`` data-term weights of the feature channels (default 1; see
                 :func:`assemble_normal_equations`).
+            mask, moving_mask: optional fixed / moving masks ``(B, 1, *S)`` (or batch 1) in ``[0, 1]`` on the
+                feature grid: they restrict the data term (:func:`gn_step`; replicate-padded like the
+                features). ``ValueError`` naming the argument for a wrong shape or values.
         """
         n = spatial_dims(fixed, "fixed")
         if fixed.shape[0] != moving.shape[0] or fixed.shape[2:] != moving.shape[2:]:
@@ -224,6 +251,8 @@ class GNRegistration(nn.Module):
         s = self.stride
         grid = coarse_shape(shape, s)
         fixed_p, moving_p = pad_to_multiple(fixed, s), channels_last(pad_to_multiple(moving, s))  # warped K times
+        mask_p, moving_mask_p = (None if m is None else pad_to_multiple(check_mask(m, fixed, name), s)
+                                 for m, name in ((mask, "mask"), (moving_mask, "moving_mask")))
         if u0 is None:
             u = fixed.new_zeros(fixed.shape[0], n, *grid)
         else:
@@ -238,7 +267,8 @@ class GNRegistration(nn.Module):
         for t in range(self.iterations):
             u = gn_step(fixed_p, moving_p, u, lams[t], stride=s, step=steps[t], jf=self.jf,
                         coupling=self.coupling, detach_warp=self.detach_warp, update=self.update,
-                        channel_weights=channel_weights, **self.solver)
+                        channel_weights=channel_weights, mask=mask_p, moving_mask=moving_mask_p,
+                        **self.solver)
             if return_history:
                 history.append(u)
         padded_shape = fixed_p.shape[2:]

@@ -24,6 +24,7 @@ from .base import RegistrationModule
 from .checkpoint import CheckpointError, load_checkpoint, require_state_dict
 from .features import FEATURE_KINDS, batch_features
 from .losses import keypoint_loss, label_loss, mind_loss, regularity_loss
+from .masks import batch_masks
 from .metrics import dice_per_label
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,10 @@ class LearnGN(RegistrationModule):
         w_label, w_keypoint, w_mind, w_reg: loss weights (label supervision, keypoint distance in mm, MIND
             MSE, diffusion regularity guard).
         label_loss: ``"mse"`` (class-weighted) or ``"dice"``.
+        use_masks: restrict the similarity terms to the batch's ``fixed_mask`` / ``moving_mask`` when present
+            (:mod:`lightning_modules.masks`): the GN data term (per-node weights, :func:`layers.gn.gn_step`) and
+            the MIND loss. The attribute ``use_masks`` may be switched after loading (``eval.py`` does when mask
+            files are given).
         lr, weight_decay: Adam settings (LightningCLI's ``--optimizer``/``--lr_scheduler`` override them).
         init_from: a checkpoint of this class whose weights initialise the model (fine-tuning: the new
             hyper-parameters apply).
@@ -154,6 +159,7 @@ class LearnGN(RegistrationModule):
         w_mind: float = 0.0,
         w_reg: float = 0.0,
         label_loss: str = "mse",
+        use_masks: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         init_from: str | None = None,
@@ -173,6 +179,7 @@ class LearnGN(RegistrationModule):
             raise ValueError(f"semantic_warmup, semantic_weight_init and w_semantic must be >= 0; got "
                              f"{semantic_warmup}, {semantic_weight_init}, {w_semantic}")
         self.save_hyperparameters(ignore=["init_from"])
+        self.use_masks = bool(use_masks)
         channels = {"sdm": len(label_ids or []), "intensity": 1, "mind": 12 if spatial_dims == 3 else 4}[features]
         n_semantic = len(label_ids) if semantic else 0
         self.gn = GNRegistration(
@@ -243,8 +250,10 @@ class LearnGN(RegistrationModule):
             lam = self.log_lam.exp() if lam is None else lam
             step = self.log_step.exp() if step is None else step
         weights = self.channel_weights()
+        fixed_mask, moving_mask = batch_masks(batch, self.use_masks)
         return self.gn(fixed, moving, lam=lam, step=step,
-                       channel_weights=None if weights is None else weights.to(fixed.dtype))
+                       channel_weights=None if weights is None else weights.to(fixed.dtype),
+                       mask=fixed_mask, moving_mask=moving_mask)
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.run(batch).disp
@@ -290,7 +299,8 @@ class LearnGN(RegistrationModule):
             terms["keypoint"] = hp.w_keypoint * keypoint_loss(
                 u, batch["fixed_keypoints"], batch["moving_keypoints"], batch.get("moving_spacing"))
         if hp.w_mind > 0:
-            terms["mind"] = hp.w_mind * mind_loss(u, batch["fixed"], batch["moving"])
+            terms["mind"] = hp.w_mind * mind_loss(u, batch["fixed"], batch["moving"],
+                                                  *batch_masks(batch, self.use_masks))
         if hp.w_reg > 0:
             terms["reg"] = hp.w_reg * regularity_loss(u)
         if not terms:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from layers import diffusion, mind_ssc, warp_image, warp_keypoints, warp_onehot
+from layers.masks import masked_mean, similarity_weight
 
 __all__ = ["class_weights", "keypoint_loss", "label_loss", "mind_loss", "onehot_of", "regularity_loss"]
 
@@ -74,9 +75,20 @@ def keypoint_loss(
     return dist.mean()
 
 
-def mind_loss(u: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-    """Unsupervised similarity: MSE between MIND-SSC of the fixed image and of the warped moving image."""
-    return (mind_ssc(fixed) - warp_image(mind_ssc(moving), u)).pow(2).mean()
+def mind_loss(
+    u: torch.Tensor,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unsupervised similarity: MSE between MIND-SSC of the fixed image and of the warped moving image.
+
+    With masks (``(B, 1, *S)`` in ``[0, 1]``, :mod:`layers.masks`), the mean is weighted by
+    ``m_F · m_M ∘ (id + u)`` (the warped moving mask without gradient): voxels outside the masks do not count.
+    """
+    diff = (mind_ssc(fixed) - warp_image(mind_ssc(moving), u)).pow(2)
+    return masked_mean(diff, similarity_weight(fixed_mask, moving_mask, u))
 
 
 def regularity_loss(u: torch.Tensor) -> torch.Tensor:

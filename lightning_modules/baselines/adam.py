@@ -11,6 +11,7 @@ import torch
 
 from layers.features import mind_ssc
 
+from ..masks import batch_masks
 from .common import BaselineModule, check_number, check_pair
 from .instance_opt import refine_field
 from .schedules import Schedule, make_schedule, resolve_preset
@@ -52,6 +53,9 @@ class AdamIO(BaselineModule):
             units); a batch key ``"init_disp"`` takes precedence.
         logj_weight: weight of a log-Jacobian volume-change term (:func:`layers.diff.log_jacobian_energy` of
             the field on the optimisation grid; 0: none, the published recipe).
+        use_masks: restrict the MIND MSE to the batch's ``fixed_mask`` / ``moving_mask`` when present
+            (:mod:`lightning_modules.baselines.instance_opt`). Off by default; ``eval.py`` turns it on when mask
+            files are given.
 
     Raises:
         ValueError: an unknown preset, a bad schedule, or a numeric option out of range (named in the message:
@@ -78,6 +82,7 @@ class AdamIO(BaselineModule):
         mind_dilation: int = 2,
         init: InitFn | None = None,
         logj_weight: float = 0.0,
+        use_masks: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["init"] + ([] if schedule is None or isinstance(
@@ -101,6 +106,7 @@ class AdamIO(BaselineModule):
         self.mind_dilation = check_number("mind_dilation", mind_dilation, low=1, integer=True)
         self.init_fn = init
         self.logj_weight = check_number("logj_weight", logj_weight, low=0)
+        self.use_masks = bool(use_masks)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """MIND-SSC of ``(B, 1, *S)`` -> ``(B, 12 | 4, *S)`` (full resolution, no gradient)."""
@@ -116,6 +122,8 @@ class AdamIO(BaselineModule):
         iterations: int | None = None,
         schedule: Schedule | None = None,
         smooth_passes: int | None = None,
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the optimisation on full-resolution features ``(B, C, *S)``.
 
@@ -123,6 +131,7 @@ class AdamIO(BaselineModule):
             fixed_feat, moving_feat: full-resolution features (MIND-SSC), pooled here by ``stride``.
             init: optional initial field ``(B, n, *S)`` (full-resolution voxel units).
             iterations, schedule, smooth_passes: overrides of this module's settings.
+            fixed_mask, moving_mask: optional full-resolution masks ``(B, 1, *S)`` restricting the MIND MSE.
 
         Returns:
             ``(B, n, *S)`` displacement (voxel units).
@@ -133,11 +142,13 @@ class AdamIO(BaselineModule):
             schedule=self.schedule if schedule is None else schedule,
             lam=self.lam, weight=self.weight, step_unit=self.step_unit,
             smooth_passes=self.smooth_passes if smooth_passes is None else int(smooth_passes),
-            logj_weight=self.logj_weight,
+            logj_weight=self.logj_weight, fixed_mask=fixed_mask, moving_mask=moving_mask,
         )
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         """Displacement ``(B, n, *S)`` (voxel units) of a batch; see the class docstring."""
         fixed, moving = check_pair(batch)
         init = self.initial_field(batch)
-        return self.optimise(self.features(fixed), self.features(moving), init)
+        fixed_mask, moving_mask = batch_masks(batch, self.use_masks)
+        return self.optimise(self.features(fixed), self.features(moving), init, fixed_mask=fixed_mask,
+                             moving_mask=moving_mask)

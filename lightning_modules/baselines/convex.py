@@ -25,6 +25,7 @@ from layers.features import box_filter, mind_ssc
 from layers.grid import pool_to_grid, spatial_dims, upsample_field
 from layers.warp import warp_image
 
+from ..masks import batch_masks
 from .common import BaselineModule, check_number, check_numbers, check_pair
 from .instance_opt import ImageLNCC, refine_field
 from .schedules import make_schedule
@@ -215,6 +216,10 @@ class ConvexAdam(BaselineModule):
         velocity_steps: scaling-and-squaring steps of a diffeomorphic Adam stage (0: additive, published).
         logj_weight: weight of the log-Jacobian volume-change term of the Adam stage
             (:func:`layers.diff.log_jacobian_energy` on its grid; 0: none, published).
+        use_masks: restrict the similarity terms of the Adam stage (MIND MSE and LNCC) to the batch's
+            ``fixed_mask`` / ``moving_mask`` when present (:mod:`lightning_modules.baselines.instance_opt`); the
+            discrete convex stage is not masked (a node without data would have no preferred shift). Off by
+            default; ``eval.py`` turns it on when mask files are given.
 
     Raises:
         ValueError: at construction, a numeric option out of range (named in the message: ``grid_sp,
@@ -247,6 +252,7 @@ class ConvexAdam(BaselineModule):
         lncc_stride: int = 2,
         velocity_steps: int = 0,
         logj_weight: float = 0.0,
+        use_masks: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -268,6 +274,7 @@ class ConvexAdam(BaselineModule):
         self.lncc_stride = num("lncc_stride", lncc_stride, low=1, integer=True)
         self.velocity_steps = num("velocity_steps", velocity_steps, low=0, integer=True)
         self.logj_weight = num("logj_weight", logj_weight, low=0)
+        self.use_masks = bool(use_masks)
         if self.lncc_weight > 0 and self.adam_stride % self.lncc_stride:
             raise ValueError(f"lncc_stride must divide adam_stride; got lncc_stride={lncc_stride}, "
                              f"adam_stride={adam_stride}")
@@ -299,13 +306,14 @@ class ConvexAdam(BaselineModule):
                 init = self.coarse_field(fixed_feat, moving_feat)
         if self.iterations == 0:
             return init
+        fixed_mask, moving_mask = batch_masks(batch, self.use_masks)
         extra = None
         if self.lncc_weight > 0:
             extra = ImageLNCC(fixed, moving, self.adam_stride, stride=self.lncc_stride, radius=self.lncc_radius,
-                              weight=self.lncc_weight)
+                              weight=self.lncc_weight, fixed_mask=fixed_mask, moving_mask=moving_mask)
         return refine_field(
             fixed_feat, moving_feat, fixed.shape[2:], self.adam_stride, init=init,
             iterations=self.iterations, schedule=self.schedule, lam=self.lam, weight=self.weight,
             smooth_passes=self.smooth_passes, extra=extra, velocity_steps=self.velocity_steps,
-            logj_weight=self.logj_weight,
+            logj_weight=self.logj_weight, fixed_mask=fixed_mask, moving_mask=moving_mask,
         )

@@ -13,6 +13,7 @@ from layers.gn import GNRegistration
 from layers.grid import pool_to_grid, upsample_field
 
 from ..features import FEATURE_KINDS, batch_features
+from ..masks import batch_masks
 from .common import BaselineModule, check_number, check_numbers, check_pair
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class HandcraftedGN(BaselineModule):
             (regularise each increment and compose the maps, :func:`layers.gn.gn_step`): on BrainPair with
             MIND pooled ×2 and λ 1 → 0.3 over 25 iterations it reaches ConvexAdam's Dice without folding
             (``configs/baselines/gn_compose.yaml``, ``benchmarks/results/baselines.md``).
+        use_masks: restrict the GN data term to the batch's ``fixed_mask`` / ``moving_mask`` when present
+            (per-node weights, :func:`layers.gn.gn_step`; masks averaged by ``feature_stride`` like the features).
+            Off by default; ``eval.py`` turns it on when mask files are given.
 
     Raises:
         ValueError: unknown features, coupling or update, ``stride`` not a multiple of ``feature_stride``, or a
@@ -82,6 +86,7 @@ class HandcraftedGN(BaselineModule):
         mind_dilation: int = 2,
         solver: dict[str, Any] | None = None,
         update: str = "add",
+        use_masks: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +112,7 @@ class HandcraftedGN(BaselineModule):
             raise ValueError(f"unknown coupling {coupling!r}; known: full, diagonal")
         self.kind, self.feature_scale = features, float(feature_scale)
         self.feature_stride = int(feature_stride)
+        self.use_masks = bool(use_masks)
         self.mind_radius, self.mind_dilation = int(mind_radius), int(mind_dilation)
         self.gn = GNRegistration(iterations=iterations, stride=stride // feature_stride, lam=tuple(lam),
                                  step=step, coupling=coupling, solver=solver, update=update)
@@ -124,7 +130,9 @@ class HandcraftedGN(BaselineModule):
         fixed, _ = check_pair(batch)
         with torch.no_grad():
             f, m = self.features(batch)
-            u = self.gn(f, m).disp
+            masks = [None if x is None else pool_to_grid(x, self.feature_stride)
+                     for x in batch_masks(batch, self.use_masks)]
+            u = self.gn(f, m, mask=masks[0], moving_mask=masks[1]).disp
             if self.feature_stride > 1:
                 u = upsample_field(u * self.feature_stride, fixed.shape[2:], self.feature_stride)
         return u
