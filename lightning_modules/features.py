@@ -7,10 +7,23 @@ from typing import Any
 import torch
 
 from layers import mind_ssc, signed_distance_maps
+from layers.enums import StrEnum
 
-__all__ = ["FEATURE_KINDS", "batch_features"]
+from .metrics import batch_label_ids
 
-FEATURE_KINDS = ("mind", "sdm", "intensity")
+__all__ = ["FEATURE_KINDS", "FeatureKind", "batch_features"]
+
+
+class FeatureKind(StrEnum):
+    """The features of a batch that the GN layer registers (:func:`batch_features`)."""
+
+    MIND = "mind"  #: MIND-SSC of the images
+    SDM = "sdm"  #: signed square-root distance maps of the label maps (an oracle / teacher setting)
+    INTENSITY = "intensity"  #: the images themselves
+
+
+#: The values of :class:`FeatureKind`, as strings.
+FEATURE_KINDS = tuple(k.value for k in FeatureKind)
 
 
 def batch_features(
@@ -27,26 +40,20 @@ def batch_features(
     Args:
         batch: see ``data/batch.py``.
         kind: ``"mind"`` (MIND-SSC of the images, C = 12 in 3D / 4 in 2D), ``"sdm"`` (signed square-root
-            distance maps of the label maps, one channel per evaluated label; needs ``fixed_label`` and
+            distance maps of the label maps, one channel per label of :func:`batch_label_ids` (those of
+            ``label_ids``, else the non-zero labels of both maps); needs ``fixed_label`` and
             ``moving_label``: an oracle/teacher setting, since test-time labels are usually unknown), or
             ``"intensity"`` (the images, C = 1, multiplied by ``intensity_scale``).
     """
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature kind {kind!r}; known: {', '.join(FEATURE_KINDS)}")
+    kind = FeatureKind.lookup(kind, "features")
     fixed, moving = batch["fixed"], batch["moving"]
-    if kind == "mind":
+    if kind == FeatureKind.MIND:
         return (mind_ssc(fixed, mind_radius, mind_dilation), mind_ssc(moving, mind_radius, mind_dilation))
-    if kind == "intensity":
+    if kind == FeatureKind.INTENSITY:
         return fixed * intensity_scale, moving * intensity_scale
     if "fixed_label" not in batch or "moving_label" not in batch:
         raise ValueError("features kind='sdm' needs fixed_label and moving_label in the batch (a dataset with labels)")
-    ids = batch.get("label_ids")
-    label_ids = None
-    if ids is not None:
-        label_ids = [int(v) for v in (ids[0] if torch.is_tensor(ids) and ids.dim() == 2 else ids)]
-    if label_ids is None:
-        both = torch.cat([batch["fixed_label"].flatten(), batch["moving_label"].flatten()])
-        label_ids = [int(v) for v in torch.unique(both) if v != 0]
+    label_ids = batch_label_ids(batch, maps=("fixed_label", "moving_label"))
     spacing = batch.get("spacing")
     sp = tuple(float(s) for s in spacing[0]) if spacing is not None else None
     f = signed_distance_maps(batch["fixed_label"], label_ids, sp, sdm_scale).to(fixed.dtype)

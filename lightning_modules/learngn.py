@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, load_checkpoint, require_state_dict
 from .features import FEATURE_KINDS, batch_features
 from .losses import keypoint_loss, label_loss, mind_loss, regularity_loss
 from .masks import batch_masks
-from .metrics import dice_per_label
+from .metrics import batch_label_ids, dice_per_label
 
 log = logging.getLogger(__name__)
 
@@ -278,12 +278,10 @@ class LearnGN(RegistrationModule):
 
     # --- training ------------------------------------------------------------------------------------------
     def _label_ids(self, batch: dict[str, Any]) -> list[int]:
+        """The supervised labels: ``label_ids`` of the model, else those of the batch (:func:`batch_label_ids`)."""
         if self.hparams.label_ids:
             return list(self.hparams.label_ids)
-        ids = batch.get("label_ids")
-        if ids is not None:
-            return [int(v) for v in (ids[0] if torch.is_tensor(ids) and ids.dim() == 2 else ids)]
-        return [int(v) for v in torch.unique(batch["fixed_label"]) if v != 0]
+        return batch_label_ids(batch)
 
     def loss_terms(self, batch: dict[str, Any], u: torch.Tensor) -> dict[str, torch.Tensor]:
         """The weighted loss terms for a batch and its full-resolution field ``u`` ``(B, n, *S)``."""

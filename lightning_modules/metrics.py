@@ -49,10 +49,12 @@ from layers.warp import warp_keypoints, warp_labels
 __all__ = [
     "METRIC_NAMES",
     "RegistrationMetrics",
+    "batch_label_ids",
     "dice30",
     "dice_per_label",
     "hd95_per_label",
     "jacobian_stats",
+    "label_id_list",
     "pair_metrics",
     "tre",
 ]
@@ -73,8 +75,9 @@ def _check_labels(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be an integer label map; got dtype {x.dtype}")
 
 
-def _label_list(label_ids: torch.Tensor | Iterable[int]) -> list[int]:
-    """Label ids as a list of ints, background (0) removed, order kept, duplicates dropped."""
+def label_id_list(label_ids: torch.Tensor | Iterable[int]) -> list[int]:
+    """Label ids ``(L,)`` (a 1-D tensor or a sequence) as a list of ints, background (0) removed, order kept,
+    duplicates dropped."""
     if isinstance(label_ids, torch.Tensor):
         if label_ids.dim() > 1:
             raise ValueError(f"label_ids must be 1-D here; got shape {tuple(label_ids.shape)}")
@@ -85,6 +88,33 @@ def _label_list(label_ids: torch.Tensor | Iterable[int]) -> list[int]:
         if k != 0 and k not in out:
             out.append(k)
     return out
+
+
+def batch_label_ids(
+    batch: Mapping[str, Any], *, maps: Sequence[str] = ("fixed_label",), per_pair: bool = False
+) -> list[int] | list[list[int]]:
+    """The labels to evaluate (or encode, or supervise) for a batch: the one place that reads ``label_ids``.
+
+    Args:
+        batch: a batch dict (``data/batch.py``): ``label_ids`` ``(L,)`` or ``(B, L)`` (rows of different
+            lengths padded with ``-1`` by the collate function), a tensor or a sequence; optional.
+        maps: the label maps ``(B, 1, *S)`` whose non-zero labels are used when the batch has no ``label_ids``.
+        per_pair: with a ``(B, L)`` ``label_ids`` whose rows differ, return one list per pair instead of
+            the first row's.
+
+    Returns:
+        the label ids as ints, background (0) removed, order kept, duplicates dropped
+        (:func:`label_id_list`); with ``per_pair`` and rows that differ, one such list per pair.
+    """
+    ids = batch.get("label_ids")
+    if ids is None:
+        return label_id_list(torch.unique(torch.cat([batch[m].flatten() for m in maps])))
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 2:
+        if not per_pair or all(torch.equal(ids[0], row) for row in ids):
+            return label_id_list(ids[0])
+        return [label_id_list(row) for row in ids]
+    return label_id_list(ids)
 
 
 def _spacing(spacing: Any, batch: int, n: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -139,7 +169,7 @@ def dice_per_label(
     _check_labels(warped_label, "warped_label")
     _check_labels(fixed_label, "fixed_label")
     _same_shape(warped_label, fixed_label, "warped_label", "fixed_label")
-    ids = _label_list(label_ids)
+    ids = label_id_list(label_ids)
     bsz = fixed_label.shape[0]
     device = fixed_label.device
     w = warped_label.to(device).reshape(bsz, -1).long()
@@ -217,7 +247,7 @@ def hd95_per_label(
     _check_labels(warped_label, "warped_label")
     _check_labels(fixed_label, "fixed_label")
     _same_shape(warped_label, fixed_label, "warped_label", "fixed_label")
-    ids = _label_list(label_ids)
+    ids = label_id_list(label_ids)
     bsz, n = fixed_label.shape[0], fixed_label.dim() - 2
     sp = _spacing(spacing, bsz, n, dtype=torch.float64, device=torch.device("cpu"))
     w = warped_label.detach().cpu()[:, 0]
@@ -332,19 +362,6 @@ def jacobian_stats(
 # ----------------------------------------------------------------------------------------------------
 # one entry point
 # ----------------------------------------------------------------------------------------------------
-def _batch_label_ids(batch: Mapping[str, Any], fixed_label: torch.Tensor) -> list[list[int]] | list[int]:
-    """``label_ids`` of a batch: one list for all pairs, or one list per pair when the rows differ."""
-    ids = batch.get("label_ids")
-    if ids is None:
-        return _label_list(torch.unique(fixed_label))
-    ids = torch.as_tensor(ids)
-    if ids.dim() == 2:
-        if all(torch.equal(ids[0], row) for row in ids):
-            return _label_list(ids[0])
-        return [_label_list(row) for row in ids]
-    return _label_list(ids)
-
-
 @torch.no_grad()
 def pair_metrics(batch: Mapping[str, Any], u: torch.Tensor, *, hd95: bool = True) -> dict[str, torch.Tensor]:
     """Every metric of docs/design.md §7 that applies to a batch (the single entry point).
@@ -374,7 +391,7 @@ def pair_metrics(batch: Mapping[str, Any], u: torch.Tensor, *, hd95: bool = True
         if tuple(fixed_label.shape[2:]) != shape or fixed_label.shape[0] != bsz:
             raise ValueError(f"fixed_label {tuple(fixed_label.shape)} does not match u {tuple(u.shape)}")
         warped = warp_labels(moving_label, u)
-        ids = _batch_label_ids(batch, fixed_label)
+        ids = batch_label_ids(batch, per_pair=True)
         spacing = batch.get("spacing")
         if ids and isinstance(ids[0], list):  # a different label list per pair
             spacing_b = _spacing(spacing, bsz, n, dtype=torch.float64, device=torch.device("cpu"))

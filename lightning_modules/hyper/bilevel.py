@@ -35,7 +35,7 @@ from lightning_modules.checkpoint import CheckpointError, load_checkpoint, requi
 from lightning_modules.learngn import LearnGN, _qualname
 from lightning_modules.metrics import jacobian_stats
 
-from .objectives import GUARDS, cycle, outer_loss, schedule_ratio
+from .objectives import Guard, cycle, outer_loss, schedule_ratio
 from .schedule import FourierSchedule
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ class BilevelLearnGN(LearnGN):
         super().__init__(**kwargs)
         if lam_mode not in LAM_MODES:
             raise ValueError(f"unknown lam_mode {lam_mode!r}; known: {', '.join(LAM_MODES)}")
-        if outer_guard not in GUARDS:
-            raise ValueError(f"unknown outer_guard {outer_guard!r}; known: {', '.join(GUARDS)}")
+        Guard.lookup(outer_guard, "outer_guard")
         if outer_label not in ("dice", "mse"):
             raise ValueError(f"unknown outer_label {outer_label!r}; known: dice, mse")
         hyper_every = check_number("hyper_every", hyper_every, low=1, integer=True)

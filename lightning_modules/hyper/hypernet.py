@@ -34,7 +34,7 @@ from lightning_modules.checkpoint import model_from_checkpoint
 from lightning_modules.learngn import LearnGN
 
 from .bilevel import load_compatible_weights
-from .objectives import GUARDS, outer_loss, schedule_ratio
+from .objectives import Guard, outer_loss, schedule_ratio
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +311,7 @@ def select_lambda(
     Returns:
         :class:`LambdaSelection`. The model is left unchanged (use :func:`apply_lambda`).
     """
-    if guard not in GUARDS:
-        raise ValueError(f"unknown guard {guard!r}; known: {', '.join(GUARDS)}")
+    Guard.lookup(guard, "guard")
     device = next(model.parameters()).device
     cached = []
     for i, b in enumerate(dataloader):

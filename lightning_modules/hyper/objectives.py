@@ -13,12 +13,18 @@ from typing import Any
 import torch
 
 from layers.diff import jacobian_determinant
+from layers.enums import StrEnum
 from lightning_modules.losses import keypoint_loss, label_loss, regularity_loss
+from lightning_modules.metrics import batch_label_ids
 
-__all__ = ["GUARDS", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard", "schedule_ratio"]
+__all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard", "schedule_ratio"]
 
-#: Regularity guards of the outer loss.
-GUARDS = ("diffusion", "negjac", "none")
+class Guard(StrEnum):
+    """The regularity guard of the outer loss (:func:`regularity_guard`)."""
+
+    DIFFUSION = "diffusion"  #: :func:`lightning_modules.losses.regularity_loss`
+    NEGJAC = "negjac"  #: :func:`negative_jacobian_penalty`
+    NONE = "none"  #: no guard
 
 
 def negative_jacobian_penalty(u: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -39,13 +45,12 @@ def regularity_guard(u: torch.Tensor, kind: str = "diffusion", margin: float = 0
     """The regularity guard of the outer loss: ``"diffusion"``
     (:func:`lightning_modules.losses.regularity_loss`, voxel² per voxel²), ``"negjac"``
     (:func:`negative_jacobian_penalty`) or ``"none"`` (zero); scalar."""
-    if kind == "diffusion":
+    kind = Guard.lookup(kind, "guard")
+    if kind == Guard.DIFFUSION:
         return regularity_loss(u)
-    if kind == "negjac":
+    if kind == Guard.NEGJAC:
         return negative_jacobian_penalty(u, margin)
-    if kind == "none":
-        return u.new_zeros(())
-    raise ValueError(f"unknown guard {kind!r}; known: {', '.join(GUARDS)}")
+    return u.new_zeros(())
 
 
 def outer_loss(
@@ -65,8 +70,8 @@ def outer_loss(
     Args:
         batch: a batch dict (``data/batch.py``); ``fixed_label``/``moving_label`` for the label term,
             ``fixed_keypoints``/``moving_keypoints`` (and ``moving_spacing``) for the keypoint term.
-        label_ids: labels of the label term (default: the non-zero labels of ``batch["label_ids"]`` or of the
-            fixed label map).
+        label_ids: labels of the label term (default: :func:`lightning_modules.metrics.batch_label_ids`, the
+            non-zero labels of ``batch["label_ids"]`` or of the fixed label map).
         label_kind: ``"dice"`` (1 − soft Dice) or ``"mse"`` (class-weighted), see
             :func:`lightning_modules.losses.label_loss`.
         w_label, w_keypoint: weights of the label term (dimensionless) and of the keypoint distance (mm).
@@ -79,12 +84,7 @@ def outer_loss(
     terms: dict[str, torch.Tensor] = {}
     if w_label > 0 and batch.get("fixed_label") is not None and batch.get("moving_label") is not None:
         if label_ids is None:
-            ids = batch.get("label_ids")
-            if ids is not None:
-                ids = ids[0] if torch.is_tensor(ids) and ids.dim() == 2 else ids
-                label_ids = [int(v) for v in ids]
-            else:
-                label_ids = [int(v) for v in torch.unique(batch["fixed_label"]) if v != 0]
+            label_ids = batch_label_ids(batch)
         terms["label"] = w_label * label_loss(
             u, batch["moving_label"], batch["fixed_label"], label_ids, label_kind
         )

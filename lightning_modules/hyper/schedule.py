@@ -46,6 +46,7 @@ from lightning_modules.baselines.schedules import (
 )
 from lightning_modules.checkpoint import CheckpointError, load_checkpoint
 from lightning_modules.losses import keypoint_loss, label_loss
+from lightning_modules.metrics import batch_label_ids
 
 from .objectives import outer_loss
 
@@ -448,8 +449,7 @@ class ScheduleMetaLearner(RegistrationModule):
         if kind == "label":
             return outer_loss(batch, u, guard="none")["label"]
         if kind == "mixed":
-            ids = batch.get("label_ids")
-            ids = [int(v) for v in (ids[0] if torch.is_tensor(ids) and ids.dim() == 2 else ids)]
+            ids = batch_label_ids(batch)
             return keypoint_loss(
                 u, batch["fixed_keypoints"], batch["moving_keypoints"], batch.get("moving_spacing")
             ) + label_loss(u, batch["moving_label"], batch["fixed_label"], ids, "dice")

@@ -12,6 +12,7 @@ import torch
 from lightning_modules.metrics import (
     METRIC_NAMES,
     RegistrationMetrics,
+    batch_label_ids,
     dice30,
     dice_per_label,
     hd95_per_label,
@@ -377,3 +378,16 @@ def test_registration_metrics_update_from_batch():
     res = m.compute()
     assert res["dice"].item() == pytest.approx((2 / 3 + 1.0) / 2)
     assert torch.isnan(res["tre"])
+
+
+def test_batch_label_ids_is_the_one_reading_of_label_ids():
+    fixed = torch.tensor([[[[0, 3], [1, 1]]]])
+    moving = torch.tensor([[[[2, 0], [1, 0]]]])
+    batch = {"fixed_label": fixed, "moving_label": moving}
+    assert batch_label_ids(batch) == [1, 3]  # no label_ids: the non-zero labels of the fixed map
+    assert batch_label_ids(batch, maps=("fixed_label", "moving_label")) == [1, 2, 3]
+    assert batch_label_ids({**batch, "label_ids": [4, 0, 2, 4]}) == [4, 2]  # order kept, 0 and repeats dropped
+    rows = torch.tensor([[5, 6, -1], [5, 6, 7]])  # (B, L), padded with -1 by the collate function
+    assert batch_label_ids({"label_ids": rows}) == [5, 6, -1]  # the first row
+    assert batch_label_ids({"label_ids": rows}, per_pair=True) == [[5, 6, -1], [5, 6, 7]]
+    assert batch_label_ids({"label_ids": torch.tensor([[5, 6], [5, 6]])}, per_pair=True) == [5, 6]
