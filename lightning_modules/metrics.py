@@ -144,6 +144,17 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
         raise ValueError(f"{na} {tuple(a.shape)} and {nb} {tuple(b.shape)} must have the same shape")
 
 
+def _check_label_pair(
+    warped_label: torch.Tensor, fixed_label: torch.Tensor, label_ids: torch.Tensor | Iterable[int]
+) -> list[int]:
+    """Check a warped and a fixed label map ``(B, 1, *S)`` (integer, same shape); the label ids as a list
+    (:func:`label_id_list`)."""
+    _check_labels(warped_label, "warped_label")
+    _check_labels(fixed_label, "fixed_label")
+    _same_shape(warped_label, fixed_label, "warped_label", "fixed_label")
+    return label_id_list(label_ids)
+
+
 # ----------------------------------------------------------------------------------------------------
 # label overlap
 # ----------------------------------------------------------------------------------------------------
@@ -166,10 +177,7 @@ def dice_per_label(
         ``(B, L)`` float64 on ``fixed_label``'s device: Dice in ``[0, 1]``, NaN where the label is absent
         from the fixed map or from the moving map.
     """
-    _check_labels(warped_label, "warped_label")
-    _check_labels(fixed_label, "fixed_label")
-    _same_shape(warped_label, fixed_label, "warped_label", "fixed_label")
-    ids = label_id_list(label_ids)
+    ids = _check_label_pair(warped_label, fixed_label, label_ids)
     bsz = fixed_label.shape[0]
     device = fixed_label.device
     w = warped_label.to(device).reshape(bsz, -1).long()
@@ -244,10 +252,7 @@ def hd95_per_label(
     """
     from monai.metrics import compute_hausdorff_distance
 
-    _check_labels(warped_label, "warped_label")
-    _check_labels(fixed_label, "fixed_label")
-    _same_shape(warped_label, fixed_label, "warped_label", "fixed_label")
-    ids = label_id_list(label_ids)
+    ids = _check_label_pair(warped_label, fixed_label, label_ids)
     bsz, n = fixed_label.shape[0], fixed_label.dim() - 2
     sp = _spacing(spacing, bsz, n, dtype=torch.float64, device=torch.device("cpu"))
     w = warped_label.detach().cpu()[:, 0]
