@@ -76,8 +76,8 @@ def _check_labels(x: torch.Tensor, name: str) -> None:
 
 
 def label_id_list(label_ids: torch.Tensor | Iterable[int]) -> list[int]:
-    """Label ids ``(L,)`` (a 1-D tensor or a sequence) as a list of ints, background (0) removed, order kept,
-    duplicates dropped."""
+    """Label ids ``(L,)`` (a 1-D tensor or a sequence) as a list of ints, background (0) and the ``-1`` padding
+    of ragged batch rows removed, order kept, duplicates dropped."""
     if isinstance(label_ids, torch.Tensor):
         if label_ids.dim() > 1:
             raise ValueError(f"label_ids must be 1-D here; got shape {tuple(label_ids.shape)}")
@@ -85,7 +85,7 @@ def label_id_list(label_ids: torch.Tensor | Iterable[int]) -> list[int]:
     out: list[int] = []
     for k in label_ids:
         k = int(k)
-        if k != 0 and k not in out:
+        if k > 0 and k not in out:
             out.append(k)
     return out
 

@@ -388,6 +388,13 @@ def test_batch_label_ids_is_the_one_reading_of_label_ids():
     assert batch_label_ids(batch, maps=("fixed_label", "moving_label")) == [1, 2, 3]
     assert batch_label_ids({**batch, "label_ids": [4, 0, 2, 4]}) == [4, 2]  # order kept, 0 and repeats dropped
     rows = torch.tensor([[5, 6, -1], [5, 6, 7]])  # (B, L), padded with -1 by the collate function
-    assert batch_label_ids({"label_ids": rows}) == [5, 6, -1]  # the first row
-    assert batch_label_ids({"label_ids": rows}, per_pair=True) == [[5, 6, -1], [5, 6, 7]]
+    assert batch_label_ids({"label_ids": rows}) == [5, 6]  # the first row, without its padding
+    assert batch_label_ids({"label_ids": rows}, per_pair=True) == [[5, 6], [5, 6, 7]]
     assert batch_label_ids({"label_ids": torch.tensor([[5, 6], [5, 6]])}, per_pair=True) == [5, 6]
+
+
+def test_label_id_list_drops_background_padding_and_repeats():
+    from lightning_modules.metrics import label_id_list
+
+    assert label_id_list(torch.tensor([3, 0, -1, 3, 7, -1])) == [3, 7]
+    assert label_id_list([0, 2, 2, 5]) == [2, 5]
