@@ -135,6 +135,17 @@ def load_learngn(ckpt: str, what: str = "--ckpt"):
                                  expected="a Lightning checkpoint (.ckpt) of a LearnGN model of this project")
 
 
+def apply_lam(args: argparse.Namespace, model, val_loader=None) -> None:
+    """``--lam``: set the λ of the LearnGN model (``--method learngn``) or of the LearnGN that starts an Adam
+    refinement (``--init-ckpt``); ``auto`` chooses it on ``val_loader``."""
+    target = model if args.method == "learngn" else getattr(model, "initialiser", None)
+    if target is None:
+        raise SystemExit("error: --lam applies to --method learngn and to the model of --init-ckpt")
+    from lightning_modules.hyper.hypernet import resolve_lambda
+
+    log.info("using λ = %g", resolve_lambda(target, args.lam, val_loader))
+
+
 def read_method_config(path: str) -> dict[str, Any]:
     """The method arguments of a ``--method-config`` YAML file (its ``init_args`` when present); errors name
     the file."""
@@ -273,13 +284,8 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
     model, meta = build_method(args, method_args)
     dm = build_data(args, meta, _key_values(args.data_arg, "--data-arg"))
     if args.lam is not None:
-        if args.method != "learngn":
-            raise SystemExit("error: --lam applies to --method learngn")
-        from lightning_modules.hyper.hypernet import resolve_lambda
-
         dm.setup()
-        lam = resolve_lambda(model, args.lam, dm.val_dataloader() if args.lam == "auto" else None)
-        log.info("using λ = %g", lam)
+        apply_lam(args, model, dm.val_dataloader() if args.lam == "auto" else None)
     pairs = dm.eval_pairs()
     if pairs is not None:  # before the first pair: no two pairs may write the same displacement file
         check_unique_disp_names(pairs)
@@ -438,11 +444,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
                             moving_labels=args.moving_labels, fixed_mask=args.fixed_mask,
                             moving_mask=args.moving_mask, intensity=intensity)
     if args.lam is not None:
-        if args.method != "learngn":
-            raise SystemExit("error: --lam applies to --method learngn")
-        from lightning_modules.hyper.hypernet import resolve_lambda
-
-        log.info("using λ = %g", resolve_lambda(model, args.lam))
+        apply_lam(args, model)
     model = with_prealignment(model, args.affine)
     device = _device(args.accelerator)
     model = model.to(device).eval()

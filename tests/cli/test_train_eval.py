@@ -179,5 +179,15 @@ def test_eval_refines_a_learngn_field_with_adam(tmp_path):
     refined = eval_cli.main(["--method", "adam", "--init-ckpt", ckpt, "--method-arg", "iterations=5",
                              "--method-arg", "preset=constant", "--out", str(tmp_path / "a5"), *common])
     assert refined["metrics"]["sdlogj"] != pytest.approx(learned["metrics"]["sdlogj"], abs=1e-6)
+    # --lam reaches the initialising LearnGN: ConvexAdam with no Adam step returns its field at that λ
+    eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "0.05", "--out", str(tmp_path / "l5"), *common])
+    eval_cli.main(["--method", "convexadam", "--init-ckpt", ckpt, "--lam", "0.05", "--method-arg", "iterations=0",
+                   "--out", str(tmp_path / "c5"), *common])
+    for file in sorted((tmp_path / "l5" / "disp").glob("disp_*.nii.gz")):
+        torch.testing.assert_close(read_displacement(tmp_path / "c5" / "disp" / file.name), read_displacement(file),
+                                   rtol=0, atol=0)
+        assert (read_displacement(file) - read_displacement(tmp_path / "l" / "disp" / file.name)).abs().max() > 1e-3
+    with pytest.raises(SystemExit, match="--lam applies"):
+        eval_cli.main(["--method", "gn", "--lam", "0.05", "--out", str(tmp_path / "g5"), *common])
     with pytest.raises(SystemExit, match="--init-ckpt applies"):
         eval_cli.main(["--method", "gn", "--init-ckpt", ckpt, "--out", str(tmp_path / "g"), *common])
