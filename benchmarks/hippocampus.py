@@ -67,10 +67,12 @@ def methods(ckpt: str, lam: float) -> list[tuple[str, str, list[str]]]:
          ["--method", "convexadam", "--method-config", cfg + "convexadam_logj.yaml"]),
         ("learngn", f"**LearnGN** (checkpoint, λ {lam:g} chosen on training pairs)",
          ["--method", "learngn", "--ckpt", ckpt, *lam_args]),
+        ("learngn_trained", "LearnGN at its training λ (0.3; no selection)", ["--method", "learngn", "--ckpt", ckpt]),
         ("learngn_adam", "**LearnGN + Adam refinement** (AdamIO constant, 30 it, from the LearnGN field)",
          ["--method", "adam", "--method-config", cfg + "adam_constant.yaml", "--method-arg", "iterations=30",
           "--init-ckpt", ckpt, *lam_args]),
-        ("learngn_convexadam", "LearnGN + the LNCC/log-J Adam stage of convexadam_logj.yaml",
+        ("learngn_convexadam",
+         "**LearnGN + the LNCC/log-J Adam stage** of convexadam_logj.yaml (from the LearnGN field)",
          ["--method", "convexadam", "--method-config", cfg + "convexadam_logj.yaml", "--init-ckpt", ckpt,
           *lam_args]),
         ("oracle", "oracle: handcrafted GN on distance maps of the *true* labels (gn_sdm.yaml)",
@@ -160,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     res = {k: s for k, _, s in rows}
 
     lines = ["# Hippocampus (real MR): learned GN against handcrafted GN and the classical baselines", "",
-             f"Command: `python benchmarks/hippocampus.py --ckpt {a.ckpt} --threads {a.threads}` (started "
+             f"Command: `python benchmarks/hippocampus.py --ckpt {a.ckpt} --threads {a.threads}"
+             f"{' --reuse' if a.reuse else ''}` (started "
              f"{started}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average at "
              f"the end {os.getloadavg()[0]:.1f}).", "",
              "The 20 `registration_val` pairs of `../shared/data/Hippocampus` (40 subjects, none in the training "
              "split); Dice over the two labels (anterior, posterior), HD95 in mm, folding in %, seconds per pair "
              "around the registration only (LearnGN + Adam includes the LearnGN registration). Every row is one "
-             "`eval.py` run; the commands are listed below.", "",
+             "`eval.py` run; the commands are listed below (with `--reuse`, rows already under `--out` were read "
+             "back, not rerun).", "",
              "| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for _, label, s in rows:
         m = s["metrics"]
