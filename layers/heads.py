@@ -70,11 +70,25 @@ def _extrapolate_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def linear_extrapolation_pad(x: torch.Tensor) -> torch.Tensor:
-    """Pad ``(B, C, *S)`` by one voxel on each side of each axis with ``2 x[0] - x[1]`` (and mirrored)."""
+    """Pad ``(B, C, *S)`` by one voxel on each side of each axis with ``2 x[0] - x[1]`` (and mirrored).
+
+    The axes are extrapolated one after the other (the faces of axis ``a`` span the padding of the axes before
+    it), written into one padded tensor instead of concatenating a copy per axis.
+    """
     n = spatial_dims(x)
+    out = F.pad(x, (1, 1) * n)
     for a in range(2, 2 + n):
-        x = _extrapolate_axis(x, a)
-    return x
+        region = [slice(None)] * 2 + [slice(None) if b < a else slice(1, -1) for b in range(2, 2 + n)]
+
+        def face(i: int, region=region, a=a) -> tuple:
+            sel = list(region)
+            sel[a] = slice(i, i + 1)
+            return tuple(sel)
+
+        last = out.shape[a] - 1
+        out[face(0)] = 2 * out[face(1)] - out[face(2)]
+        out[face(last)] = 2 * out[face(last - 1)] - out[face(last - 2)]
+    return out
 
 
 def _check_stride(stride: int) -> int:

@@ -54,3 +54,24 @@ def test_bad_stride_and_shapes():
     heads = CompactHeads(2, 2, stride=4)
     with pytest.raises(ValueError, match="channels"):
         heads(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 6, 5)])
+def test_linear_extrapolation_pad_equals_the_axis_by_axis_definition(shape):
+    """Values and gradients equal padding one axis after the other by concatenation (corners included)."""
+
+    def reference(x):
+        for a in range(2, x.dim()):
+            first = 2 * x.narrow(a, 0, 1) - x.narrow(a, 1, 1)
+            last = 2 * x.narrow(a, x.shape[a] - 1, 1) - x.narrow(a, x.shape[a] - 2, 1)
+            x = torch.cat([first, x, last], dim=a)
+        return x
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+    out, ref = linear_extrapolation_pad(x), reference(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((out * w).sum(), x)
+    (gr,) = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(gx, gr, rtol=0, atol=1e-12)
