@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["Backend", "Coupling", "StrEnum"]
+__all__ = ["Backend", "Coupling", "LabelLoss", "StrEnum", "Update"]
 
 
 class StrEnum(str, Enum):
@@ -51,6 +51,20 @@ class Coupling(StrEnum):
 
     FULL = "full"  #: the ``n×n`` blocks ``H(p)``
     DIAGONAL = "diagonal"  #: cross terms dropped: ``n`` independent scalar systems
+
+
+class Update(StrEnum):
+    """How a GN step updates the field (docs/design.md §3, :func:`layers.gn.gn_step`)."""
+
+    ADD = "add"  #: ``u ← u + α δ`` with the regulariser on the whole field (the reference)
+    COMPOSE = "compose"  #: ``u ← α δ + u ∘ (id + α δ)`` with the regulariser on the increment
+
+
+class LabelLoss(StrEnum):
+    """The label supervision of the learned models (docs/design.md §4)."""
+
+    MSE = "mse"  #: class-weighted MSE of the warped one-hot labels
+    DICE = "dice"  #: 1 − mean soft Dice over the foreground labels
 
 
 class Backend(StrEnum):

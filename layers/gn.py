@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .enums import Update
 from .gn_solve import gn_solve
 from .grid import channels_last, coarse_shape, pool_to_grid, spatial_dims, upsample_field
 from .heads import handcrafted_jf
@@ -34,7 +35,7 @@ JFFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 
 
 #: GN update rules (see :func:`gn_step`)
-UPDATES = ("add", "compose")
+UPDATES = tuple(u.value for u in Update)
 
 
 def geometric_schedule(start: float, end: float, steps: int) -> list[float]:
@@ -134,8 +135,7 @@ def gn_step(
             unmasked step.
         solver_kwargs: passed to :func:`layers.gn_solve` (``rtol``, ``maxiter``, ``backend``, ...).
     """
-    if update not in UPDATES:
-        raise ValueError(f"unknown update {update!r}; known: {', '.join(UPDATES)}")
+    update = Update.lookup(update, "update")
     shape = fixed.shape[2:]
     masks = [None if m is None else check_mask(m, fixed, name, check_values=False)
              for m, name in ((mask, "mask"), (moving_mask, "moving_mask"))]
@@ -196,8 +196,7 @@ class GNRegistration(nn.Module):
         update: str = "add",
     ) -> None:
         super().__init__()
-        if update not in UPDATES:
-            raise ValueError(f"unknown update {update!r}; known: {', '.join(UPDATES)}")
+        update = Update.lookup(update, "update")
         self.update = update
         self.detach_warp = bool(detach_warp)
         if iterations < 1:

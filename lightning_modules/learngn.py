@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from layers.encoder import FeatureEncoder
+from layers.enums import LabelLoss
 from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
 from layers.semantic import SemanticNet, semantic_loss, semantic_targets
 
 from .base import RegistrationModule
 from .checkpoint import CheckpointError, load_checkpoint, require_state_dict
-from .features import FEATURE_KINDS, batch_features
+from .features import FeatureKind, batch_features
 from .losses import keypoint_loss, label_loss, mind_loss, regularity_loss
 from .masks import batch_masks
 from .metrics import batch_label_ids, dice_per_label
@@ -167,12 +168,10 @@ class LearnGN(RegistrationModule):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3; got {spatial_dims}")
-        if features not in FEATURE_KINDS:
-            raise ValueError(f"unknown features {features!r}; known: {', '.join(FEATURE_KINDS)}")
+        features = FeatureKind.lookup(features, "features").value
         if features == "sdm" and not label_ids:
             raise ValueError("features='sdm' needs label_ids (the labels whose distance maps are the features)")
-        if label_loss not in ("mse", "dice"):
-            raise ValueError(f"unknown label_loss {label_loss!r}; known: mse, dice")
+        label_loss = LabelLoss.lookup(label_loss, "label_loss").value
         if semantic and not label_ids:
             raise ValueError("semantic=True needs label_ids (the labels whose distance maps are predicted)")
         if semantic_warmup < 0 or semantic_weight_init < 0 or w_semantic < 0:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from layers import diffusion, mind_ssc, warp_image, warp_keypoints, warp_onehot
+from layers.enums import LabelLoss
 from layers.masks import masked_mean, similarity_weight
 
 __all__ = ["class_weights", "keypoint_loss", "label_loss", "mind_loss", "onehot_of", "regularity_loss"]
@@ -43,20 +44,19 @@ def label_loss(
     ``kind="mse"``: class-weighted MSE (weights from the fixed labels, count^-0.35, mean 1);
     ``kind="dice"``: 1 − mean soft Dice over the foreground labels present in the fixed image.
     """
+    kind = LabelLoss.lookup(kind, "label_loss")
     fix = onehot_of(fixed_label, label_ids).to(u.dtype)
     warped = warp_onehot(onehot_of(moving_label, label_ids).to(u.dtype), u)
-    if kind == "mse":
+    if kind == LabelLoss.MSE:
         w = class_weights(fix).to(u.dtype)
         per_class = (warped - fix).pow(2).flatten(2).mean((0, 2))
         return (w * per_class).sum() / w.numel()
-    if kind == "dice":
-        dims = tuple(range(2, u.dim()))
-        inter = (warped * fix).sum(dims)
-        denom = warped.sum(dims) + fix.sum(dims)
-        dice = 2 * inter / denom.clamp_min(1e-6)
-        present = fix.sum(dims)[:, 1:] > 0
-        return 1.0 - dice[:, 1:][present].mean()
-    raise ValueError(f"unknown label loss {kind!r}; known: mse, dice")
+    dims = tuple(range(2, u.dim()))  # LabelLoss.DICE
+    inter = (warped * fix).sum(dims)
+    denom = warped.sum(dims) + fix.sum(dims)
+    dice = 2 * inter / denom.clamp_min(1e-6)
+    present = fix.sum(dims)[:, 1:] > 0
+    return 1.0 - dice[:, 1:][present].mean()
 
 
 def keypoint_loss(

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from layers.enums import Coupling
 from layers.gn import GNRegistration
 from layers.grid import pool_to_grid, upsample_field
 
-from ..features import FEATURE_KINDS, batch_features
+from ..features import FeatureKind, batch_features
 from ..masks import batch_masks
 from .common import BaselineModule, check_number, check_numbers, check_pair
 
@@ -90,8 +91,7 @@ class HandcraftedGN(BaselineModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if features not in FEATURE_KINDS:
-            raise ValueError(f"unknown features {features!r}; known: {', '.join(FEATURE_KINDS)}")
+        features = FeatureKind.lookup(features, "features").value
         iterations = check_number("iterations", iterations, low=1, integer=True)
         stride = check_number("stride", stride, low=1, integer=True)
         feature_stride = check_number("feature_stride", feature_stride, low=1, integer=True)
@@ -108,8 +108,7 @@ class HandcraftedGN(BaselineModule):
                 f"need feature_stride >= 1 and stride a multiple of it; got stride={stride}, "
                 f"feature_stride={feature_stride}"
             )
-        if coupling not in ("full", "diagonal"):
-            raise ValueError(f"unknown coupling {coupling!r}; known: full, diagonal")
+        coupling = Coupling.lookup(coupling, "coupling").value
         self.kind, self.feature_scale = features, float(feature_scale)
         self.feature_stride = int(feature_stride)
         self.use_masks = bool(use_masks)

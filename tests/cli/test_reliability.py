@@ -385,7 +385,7 @@ def test_method_config_errors_name_the_file(tmp_path, text, match):
 @pytest.mark.parametrize("extra,match", [
     (["--model.init_args.lam_start", "-1"], r"LearnGN: .*must be .*-1\.0"),
     (["--model.init_args.iterations", "0"], "LearnGN: iterations must be >= 1"),
-    (["--model.init_args.features", "pixels"], "unknown features 'pixels'"),
+    (["--model.init_args.features", "pixels"], "features must be one of .*got 'pixels'"),
     (["--data.batch_size", "0"], "RegistrationDataModule: batch sizes must be >= 1"),
     (["--model.class_path", "lightning_modules.hyper.bilevel.BilevelLearnGN",
       "--model.init_args.hyper_lr", "-1"], "BilevelLearnGN: hyper_lr must be > 0"),

@@ -387,7 +387,7 @@ def test_bad_inputs(pair3d):
             make_baseline(name).register({**pair3d, "fixed": bad})
     with pytest.raises(ValueError, match="larger than the coarse grid"):
         ConvexAdam(grid_sp=6, disp_hw=4).register(pair3d)  # 8 nodes < window of 9
-    with pytest.raises(ValueError, match="unknown features"):
+    with pytest.raises(ValueError, match="features must be one of"):
         HandcraftedGN(features="hog")
     with pytest.raises(ValueError, match="init must be"):
         AdamIO(iterations=1).register({**pair3d, "init_disp": torch.zeros(1, 3, 8, 8, 8)})
