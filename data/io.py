@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_bytes",
     "check_unique_disp_names",
     "disp_filename",
+    "displacement_array",
     "nifti_bytes",
     "read_displacement",
     "read_displacement_grid",
@@ -122,12 +123,7 @@ def write_displacement(
         partial file.
     """
     path = Path(path)
-    arr = u.detach().cpu().numpy() if isinstance(u, torch.Tensor) else np.asarray(u)
-    if arr.ndim >= 3 and arr.shape[0] == 1 and arr.shape[1] == arr.ndim - 2:
-        arr = arr[0]
-    n = arr.ndim - 1
-    if n not in (2, 3) or arr.shape[0] != n:
-        raise ValueError(f"u must be (n, *S) or (1, n, *S) with n = 2 or 3; got shape {tuple(arr.shape)}")
+    arr = displacement_array(u)
     if not np.isfinite(arr).all():
         raise ValueError(f"displacement for {path} holds non-finite values")
     data = np.ascontiguousarray(np.moveaxis(arr.astype(np.float32), 0, -1))
@@ -198,6 +194,18 @@ def write_pair_displacement(
 ) -> Path:
     """:func:`write_displacement` to ``out_dir / disp_<fixed_id>_<moving_id>.nii.gz``; returns the path."""
     return write_displacement(Path(out_dir) / disp_filename(fixed_id, moving_id), u, affine, half=half)
+
+
+def displacement_array(u: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A displacement ``(n, *S)`` or ``(1, n, *S)`` (tensor or array, voxel units) as a NumPy array ``(n, *S)``;
+    ``ValueError`` for any other shape."""
+    arr = u.detach().cpu().numpy() if isinstance(u, torch.Tensor) else np.asarray(u)
+    if arr.ndim >= 3 and arr.shape[0] == 1 and arr.shape[1] == arr.ndim - 2:
+        arr = arr[0]
+    n = arr.ndim - 1
+    if n not in (2, 3) or arr.shape[0] != n:
+        raise ValueError(f"u must be (n, *S) or (1, n, *S) with n = 2 or 3; got shape {tuple(arr.shape)}")
+    return arr
 
 
 def read_displacement(path: str | Path) -> torch.Tensor:

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from .io import write_nifti
+from .io import displacement_array, write_nifti
 
 __all__ = ["ITK_INTENT", "itk_displacement", "read_itk_displacement", "voxel_displacement", "write_itk_displacement"]
 
@@ -44,13 +44,7 @@ def _linear_part(affine: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
 
 
 def _field(u: torch.Tensor | np.ndarray) -> np.ndarray:
-    arr = u.detach().cpu().numpy() if isinstance(u, torch.Tensor) else np.asarray(u)
-    if arr.ndim >= 3 and arr.shape[0] == 1 and arr.shape[1] == arr.ndim - 2:
-        arr = arr[0]
-    n = arr.ndim - 1
-    if n not in (2, 3) or arr.shape[0] != n:
-        raise ValueError(f"u must be (n, *S) or (1, n, *S) with n = 2 or 3; got shape {tuple(arr.shape)}")
-    return arr.astype(np.float64)
+    return displacement_array(u).astype(np.float64)
 
 
 def itk_displacement(u: torch.Tensor | np.ndarray, affine: np.ndarray | torch.Tensor) -> np.ndarray:

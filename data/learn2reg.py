@@ -19,7 +19,7 @@ from .nifti import read_header
 from .resample import grid_for_shape, grid_for_spacing
 from .volume import Volume, load_volume, resample_volume
 
-__all__ = ["Learn2RegDataset"]
+__all__ = ["Learn2RegDataset", "add_labels_and_masks"]
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,7 @@ class Learn2RegDataset(Dataset):
             "moving_id": pair.moving.case,
             "affine": torch.tensor(f.affine, dtype=torch.float64),
         }
-        for prefix, vol in (("fixed", f), ("moving", m)):
-            if vol.label is not None:
-                sample[f"{prefix}_label"] = vol.label.long()
-            if vol.mask is not None:
-                sample[f"{prefix}_mask"] = vol.mask.float()
+        add_labels_and_masks(sample, f, m)
         if f.keypoints is not None and m.keypoints is not None:
             check_keypoint_pair(f.keypoints, m.keypoints, f.keypoint_path, m.keypoint_path)
             sample["fixed_keypoints"] = f.keypoints.clone()
@@ -190,3 +186,14 @@ class Learn2RegDataset(Dataset):
         if self.label_ids:
             sample["label_ids"] = torch.as_tensor(self.label_ids, dtype=torch.int64)
         return sample
+
+
+def add_labels_and_masks(sample: dict, fixed: Volume, moving: Volume) -> dict:
+    """Add ``<fixed|moving>_label`` (long) and ``<fixed|moving>_mask`` (float) ``(1, *S)`` to a sample from the
+    volumes that have them (``data/batch.py``); returns the sample."""
+    for prefix, vol in (("fixed", fixed), ("moving", moving)):
+        if vol.label is not None:
+            sample[f"{prefix}_label"] = vol.label.long()
+        if vol.mask is not None:
+            sample[f"{prefix}_mask"] = vol.mask.float()
+    return sample

@@ -31,6 +31,7 @@ from nibabel.processing import resample_from_to
 
 from layers.warp import warp_image, warp_labels
 
+from .learn2reg import add_labels_and_masks
 from .learn2reg_task import case_id
 from .nifti import load_nifti
 from .volume import Volume, load_volume
@@ -158,12 +159,7 @@ def load_file_pair(
         "moving_id": case_id(moving),
         "affine": torch.tensor(f.affine, dtype=torch.float64),
     }
-    for prefix, vol in (("fixed", f), ("moving", m)):
-        if vol.label is not None:
-            sample[f"{prefix}_label"] = vol.label.long()
-        if vol.mask is not None:
-            sample[f"{prefix}_mask"] = vol.mask.float()
-    return sample
+    return add_labels_and_masks(sample, f, m)
 
 
 def _opt(path: str | Path | None) -> Path | None:
