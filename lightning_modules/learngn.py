@@ -217,8 +217,17 @@ class LearnGN(RegistrationModule):
                 "use a config whose model.spatial_dims matches the data"
             )
 
-    def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed and moving feature maps ``(B, C, *S)``."""
+    def semantic_maps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The semantic network's maps of the fixed and the moving image, ``(B, L, *S)`` each (``sqrt(mm)``)."""
+        if self.semantic_net is None:
+            raise ValueError("semantic_maps() needs a model with semantic=True")
+        dtype = self.semantic_weight.dtype
+        return self.semantic_net(batch["fixed"].to(dtype)), self.semantic_net(batch["moving"].to(dtype))
+
+    def features(self, batch: dict[str, Any], maps: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed and moving feature maps ``(B, C, *S)`` (``maps``: the :meth:`semantic_maps` of the batch when
+        already computed)."""
         hp = self.hparams
         batch = dict(batch)
         if hp.features == "sdm":
@@ -228,8 +237,9 @@ class LearnGN(RegistrationModule):
             fixed = self.encoder(batch["fixed"], fixed)
             moving = self.encoder(batch["moving"], moving)
         if self.semantic_net is not None:
-            fixed = torch.cat([fixed, self.semantic_net(batch["fixed"].to(fixed.dtype))], dim=1)
-            moving = torch.cat([moving, self.semantic_net(batch["moving"].to(moving.dtype))], dim=1)
+            fixed_maps, moving_maps = self.semantic_maps(batch) if maps is None else maps
+            fixed = torch.cat([fixed, fixed_maps.to(fixed.dtype)], dim=1)
+            moving = torch.cat([moving, moving_maps.to(moving.dtype)], dim=1)
         return fixed, moving
 
     def channel_weights(self) -> torch.Tensor | None:
@@ -240,11 +250,11 @@ class LearnGN(RegistrationModule):
         return torch.cat([self.base_weight.to(self.semantic_weight.dtype), self.semantic_weight.clamp_min(0.0)])
 
     def run(self, batch: dict[str, Any], lam: torch.Tensor | None = None,
-            step: torch.Tensor | None = None) -> GNOutput:
+            step: torch.Tensor | None = None, *, maps: tuple[torch.Tensor, torch.Tensor] | None = None) -> GNOutput:
         """Run the K GN iterations on a batch (``lam``, ``step``: optional ``(K,)`` / ``(K, B)`` overrides of the
-        λ and step-size schedules)."""
+        λ and step-size schedules; ``maps``: the batch's :meth:`semantic_maps` when already computed)."""
         self._check_batch(batch)
-        fixed, moving = self.features(batch)
+        fixed, moving = self.features(batch, maps)
         if self.log_lam is not None:
             lam = self.log_lam.exp() if lam is None else lam
             step = self.log_step.exp() if step is None else step
@@ -323,29 +333,33 @@ class LearnGN(RegistrationModule):
             self.log("val/semantic_dice", dice.nanmean(), batch_size=dice.shape[0], sync_dist=True)
         return out
 
-    def semantic_term(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The semantic regression loss of a batch (both images against their labels' distance maps)."""
+    def semantic_term(self, batch: dict[str, Any], maps: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """The semantic regression loss of a batch (both images' maps against their labels' distance maps;
+        ``maps``: the batch's :meth:`semantic_maps` when already computed for the registration)."""
         if "fixed_label" not in batch or "moving_label" not in batch:
             raise ValueError("semantic=True needs a training set with labels (fixed_label, moving_label)")
         ids = list(self.hparams.label_ids)
-        images = torch.cat([batch["fixed"], batch["moving"]]).to(self.semantic_weight.dtype)
+        pred = torch.cat(self.semantic_maps(batch) if maps is None else maps)
         labels = torch.cat([batch["fixed_label"], batch["moving_label"]])
         spacing = batch.get("spacing")
         sp = tuple(float(v) for v in spacing[0]) if spacing is not None else None
         target = semantic_targets(labels, ids, sp)
-        return self.hparams.w_semantic * semantic_loss(self.semantic_net(images), target)
+        return self.hparams.w_semantic * semantic_loss(pred, target)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         warmup = self.semantic_net is not None and self.current_epoch < self.hparams.semantic_warmup
+        # the semantic maps are computed once per step, for the registration and for their own loss
+        maps = self.semantic_maps(batch) if self.semantic_net is not None else None
         if warmup:
             terms = {}
             bsz = batch["fixed"].shape[0]
         else:
-            u = self.register(batch)
+            u = self.register(batch) if maps is None else self.run(batch, maps=maps).disp
             terms = self.loss_terms(batch, u)
             bsz = u.shape[0]
         if self.semantic_net is not None and self.hparams.w_semantic > 0:
-            terms["semantic"] = self.semantic_term(batch)
+            terms["semantic"] = self.semantic_term(batch, maps)
         loss = torch.stack(list(terms.values())).sum()
         if self.semantic_weight is not None:
             for k, w in enumerate(self.semantic_weight.detach().clamp_min(0.0)):

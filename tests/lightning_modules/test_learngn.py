@@ -218,3 +218,18 @@ def test_segment_reads_the_most_negative_map():
 
     model.semantic_net = Fixed()
     assert model.segment(torch.zeros(1, 1, 1, 1, 4)).flatten().tolist() == [2, 1, 1, 0]
+
+
+def test_a_training_step_runs_the_semantic_network_once_per_image():
+    """After the warm-up, the maps that feed the registration also feed their own loss (one U-Net pass per
+    image), and the step's loss equals the registration terms plus the semantic term computed separately."""
+    batch = _batch3d()
+    model = _semantic_model(semantic_weight_init=0.5).double()
+    batch = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+    calls = []
+    model.semantic_net.register_forward_hook(lambda *args: calls.append(1))
+    loss = model.training_step(batch, 0)
+    assert len(calls) == 2  # fixed and moving, once each
+    with torch.no_grad():
+        ref = sum(model.loss_terms(batch, model.register(batch)).values()) + model.semantic_term(batch)
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-12, atol=0)
