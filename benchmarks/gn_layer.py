@@ -9,7 +9,7 @@ For each grid (2D 80×78, 3D 32³, 48×40×64, 56×48×56 by default), full coup
   size (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) over the resident size before the
   call, measured in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors
   really leave the resident set; on GPU ``torch.cuda.max_memory_allocated`` over the allocation before;
-* on GPU both backends (torch and cupy, when cupy is available);
+* on GPU every backend: torch, graph (the torch PCG replayed as CUDA graphs) and cupy (when available);
 * one full GN iteration (:func:`layers.gn.gn_step`: warp, handcrafted J/f, normal equations, solve) when
   ``layers/gn.py`` exposes ``gn_step``.
 
@@ -347,6 +347,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--no-gn-step", action="store_true", help="skip timing layers.gn.gn_step")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gn_layer.md")
+    parser.add_argument("--backends", nargs="+", default=None, choices=["torch", "graph", "cupy"],
+                        help="gn_solve backends (default: torch on CPU; torch, graph and cupy on CUDA)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -357,9 +359,13 @@ def main(argv=None) -> int:
         return 0
 
     device = torch.device(args.device)
-    backends = ["torch"]
-    if device.type == "cuda" and cupy_available():
-        backends.append("cupy")
+    backends = args.backends
+    if backends is None:
+        backends = ["torch"]
+        if device.type == "cuda":
+            backends.append("graph")
+            if cupy_available():
+                backends.append("cupy")
     load_before = os.getloadavg()[0]
     rows = []
     for text in args.grids:

@@ -72,4 +72,5 @@ class Backend(StrEnum):
 
     AUTO = "auto"  #: cupy for CUDA tensors when it is available, torch otherwise
     TORCH = "torch"  #: matrix-free batched PCG in torch (:func:`layers.cg.cg`), any device
+    GRAPH = "graph"  #: the torch PCG replayed as CUDA graphs (:class:`layers.cg.GraphedCG`); eager off CUDA
     CUPY = "cupy"  #: CSR matrices and ``cupyx.scipy.sparse.linalg.cg`` (:mod:`layers.cupy_backend`)

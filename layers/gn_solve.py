@@ -15,6 +15,9 @@ Backends:
   ``Hd = sym(H) + (λ deg + ε) I`` is the per-node diagonal block of ``A`` and ``S`` the grid adjacency
   (shifted in-place subtractions, no sparse matrix); it solves the equivalent system ``(A / λ) x = b / λ``
   so that the Laplacian part needs no multiplication. Runs on any device.
+* ``"graph"`` — the same PCG on the same numbers (same iterates and iteration counts), replayed as CUDA graphs
+  on fixed buffers cached per system shape (:func:`layers.gn_operator.graph_solve`): no per-kernel launch
+  overhead, one host check per 8 iterations. On a non-CUDA device it runs the same stages eagerly.
 * ``"cupy"`` — ``A`` assembled as a CSR matrix on the GPU and solved with ``cupyx.scipy.sparse.linalg.cg``
   per batch item, tensors shared through DLPack.
 
@@ -24,7 +27,8 @@ independent scalar systems (one per displacement component), solved as a batch o
 
 The file reads top to bottom: :func:`gn_solve` and its configuration; the autograd function (forward solve,
 implicit backward) and its helpers; the systems (diagonal blocks, preconditioner, the per-backend solve); the
-matrix-free operator and the per-node block kernels; the validation of the arguments last.
+validation of the arguments last. The matrix-free operator and the per-node block kernels are in
+:mod:`layers.gn_operator`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from torch.autograd.function import once_differentiable
 from .cg import cg
 from .cupy_backend import cg_cupy, cupy_available
 from .enums import Backend, Coupling
-from .laplacian import adjacency_views, block_diagonal_csr, laplacian_apply, laplacian_degree, system_csr_from_blocks
+from .gn_operator import BlockPreconditioner, GNOperator, block_apply, block_inverse, graph_solve
+from .laplacian import block_diagonal_csr, laplacian_apply, laplacian_degree, system_csr_from_blocks
 
 __all__ = ["DEFAULT_MAXITER", "GNSolveInfo", "block_apply", "block_inverse", "gn_solve"]
 
@@ -61,7 +66,7 @@ class GNSolveInfo(NamedTuple):
             over the ``n`` scalar systems of the item).
         rel_residual: ``(B,)`` final relative residual ``‖b − A x‖ / ‖b‖`` per item (0 for ``b = 0``).
         converged: ``(B,)`` bool, whether the item reached ``rtol`` within ``maxiter``.
-        backend: ``"torch"`` or ``"cupy"``, the backend that ran.
+        backend: ``"torch"``, ``"graph"`` or ``"cupy"``, the backend that ran.
     """
 
     iterations: torch.Tensor
@@ -99,8 +104,8 @@ def gn_solve(
             device of ``H``; differentiable).
         coupling: ``"full"`` (the ``n×n`` blocks) or ``"diagonal"`` (cross terms dropped: ``n`` independent
             scalar systems).
-        backend: ``"auto"`` (cupy for CUDA tensors when available, torch otherwise), ``"torch"`` or
-            ``"cupy"``.
+        backend: ``"auto"`` (see :func:`_resolve_backend`), ``"torch"``, ``"graph"`` or ``"cupy"`` (module
+            docstring).
         rtol: relative residual tolerance ``‖b − A x‖ ≤ rtol ‖b‖`` per item (per component system with
             ``coupling="diagonal"``); the backward solve uses the same tolerance relative to ``‖x̄‖``.
         maxiter: CG iteration limit; ``None`` means :data:`DEFAULT_MAXITER` (1000).
@@ -250,7 +255,7 @@ def _build_system(H: torch.Tensor, lam_b: torch.Tensor, cfg: _Config) -> _System
         hd = hd.reshape(bsz * n, 1, 1, *grid)
         lam_sys = lam_b.repeat_interleave(n)
     minv = block_inverse(hd) if cfg.precondition else None
-    if cfg.backend == Backend.TORCH:  # store the blocks of A / λ and their inverses
+    if cfg.backend in (Backend.TORCH, Backend.GRAPH):  # store the blocks of A / λ and their inverses
         lam_view = lam_sys.view(-1, 1, 1, *([1] * n))
         hd = hd.div_(lam_view)
         if minv is not None:
@@ -262,12 +267,12 @@ def _build_system(H: torch.Tensor, lam_b: torch.Tensor, cfg: _Config) -> _System
 class _System:
     """One batch of SPD systems ``(Hd − λ S⊗I) x = rhs``, ``(B', c, *G)``, and how to solve them.
 
-    For the torch backend ``hd`` and ``minv`` are stored divided / multiplied by λ (the system ``A / λ``,
-    whose operator needs no λ); for the cupy backend they are stored as they are.
+    For the torch and graph backends ``hd`` and ``minv`` are stored divided / multiplied by λ (the system
+    ``A / λ``, whose operator needs no λ); for the cupy backend they are stored as they are.
     """
 
-    hd: torch.Tensor  # (B', c, c, *G): Hd, or Hd / λ (torch backend)
-    minv: torch.Tensor | None  # (B', c, c, *G): Hd⁻¹, or λ Hd⁻¹ (torch backend); None without preconditioner
+    hd: torch.Tensor  # (B', c, c, *G): Hd, or Hd / λ (torch and graph backends)
+    minv: torch.Tensor | None  # (B', c, c, *G): Hd⁻¹, or λ Hd⁻¹ (torch and graph); None without preconditioner
     lam: torch.Tensor  # (B',)
     backend: Backend
     rtol: float
@@ -275,11 +280,14 @@ class _System:
 
     def solve(self, rhs: torch.Tensor, x0: torch.Tensor | None):
         """-> ``(x, iterations (B',), rel_residual (B',), converged (B',))``."""
-        if self.backend == Backend.TORCH:
-            precond = _BlockPreconditioner(self.minv) if self.minv is not None else None
+        if self.backend in (Backend.TORCH, Backend.GRAPH):
             rhs_scaled = rhs / self.lam.view(-1, *([1] * (rhs.dim() - 1)))  # (A / λ) x = b / λ
-            res = cg(_GNOperator(self.hd), rhs_scaled, precond=precond, x0=x0, rtol=self.rtol,
-                     maxiter=self.maxiter)
+            if self.backend == Backend.GRAPH:
+                res = graph_solve(self.hd, self.minv, rhs_scaled, x0, rtol=self.rtol, maxiter=self.maxiter)
+            else:
+                precond = BlockPreconditioner(self.minv) if self.minv is not None else None
+                res = cg(GNOperator(self.hd), rhs_scaled, precond=precond, x0=x0, rtol=self.rtol,
+                         maxiter=self.maxiter)
             return res.x, res.iterations, res.rel_residual, res.converged
         xs, its, rels, convs = [], [], [], []
         for k in range(rhs.shape[0]):
@@ -300,135 +308,6 @@ class _System:
             torch.tensor(rels, dtype=rhs.dtype, device=dev),
             torch.tensor(convs, dtype=torch.bool, device=dev),
         )
-
-
-# ------------------------------------------------------------------ matrix-free operator and preconditioner
-
-
-class _GNOperator:
-    """Matrix-free ``A' x = Hd' x − S x`` for a batch of systems ``(B, c, *G)``.
-
-    ``Hd' = Hd / λ`` are the per-node diagonal blocks of the system divided by λ (per item), so that the
-    Laplacian part needs no scaling: ``A' = A / λ``. Per call: ``c`` fused multiply-adds (blocks) and ``2n``
-    shifted in-place subtractions (adjacency ``S``: the views of :func:`layers.laplacian.adjacency_views`,
-    made once per buffer, as in :func:`layers.laplacian.adjacency_apply_`); no allocation.
-    """
-
-    accepts_out = True
-
-    def __init__(self, hd_scaled: torch.Tensor) -> None:
-        self.blocks = _BlockApply(hd_scaled)  # (B, c, c, *G)
-        self._adj = _ViewCache(adjacency_views)
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None:
-            out = torch.empty_like(x)
-        out = self.blocks(x, out)
-        for target, source in self._adj(out, x):
-            target.sub_(source)
-        return out
-
-
-class _BlockApply:
-    """``out = blocks · x`` per node (symmetric blocks, see :func:`block_apply`) with cached views."""
-
-    def __init__(self, blocks: torch.Tensor) -> None:
-        c = blocks.shape[1]
-        self.rows = [blocks[:, j] for j in range(c)]  # row j == column j (symmetric)
-        self.comps = _ViewCache(lambda x: [x[:, j : j + 1] for j in range(c)])
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        comps = self.comps(x)
-        out = torch.mul(self.rows[0], comps[0], out=out)
-        for h, xj in zip(self.rows[1:], comps[1:]):
-            out.addcmul_(h, xj)
-        return out
-
-
-class _BlockPreconditioner(_BlockApply):
-    """Block-Jacobi preconditioner ``z = Hd⁻¹ r`` per node (``minv`` ``(B, c, c, *G)``, symmetric)."""
-
-    accepts_out = True
-
-
-class _ViewCache:
-    """Views of the few fixed CG buffers, made once per buffer instead of once per operator call.
-
-    Keyed by ``(data_ptr, shape, stride)``; the cached views keep their storage alive, so a key cannot be
-    reused by another tensor while cached. Bounded; meant to live for one solve.
-    """
-
-    def __init__(self, make) -> None:
-        self._make = make
-        self._views: dict = {}
-
-    def __call__(self, *tensors: torch.Tensor):
-        key = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors)
-        views = self._views.get(key)
-        if views is None:
-            if len(self._views) >= 16:
-                self._views.clear()
-            views = self._views[key] = self._make(*tensors)
-        return views
-
-
-def block_apply(blocks: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-node product with **symmetric** ``c×c`` blocks: ``out[:, i] = Σ_j blocks[:, i, j] x[:, j]``.
-
-    Args:
-        blocks: ``(B, c, c, *G)``, symmetric in dims 1 and 2 (row ``j`` is used as column ``j``).
-        x: ``(B, c, *G)``.
-        out: optional ``(B, c, *G)`` buffer (must not alias ``x``).
-
-    Returns:
-        ``(B, c, *G)`` (``out`` when given). ``c`` fused multiply-adds over ``(B, c, *G)`` (the kernel of
-        :class:`_BlockApply`, which the CG loop uses with its views made once).
-    """
-    return _BlockApply(blocks)(x, out)
-
-
-def block_inverse(blocks: torch.Tensor) -> torch.Tensor:
-    """Inverse of symmetric positive-definite per-node blocks ``(B, c, c, *G)`` -> ``(B, c, c, *G)``.
-
-    Closed form (adjugate / determinant) for ``c ≤ 3``, written into one preallocated, exactly symmetric
-    output; ``torch.linalg.inv`` otherwise.
-    """
-    c = blocks.shape[1]
-    if c == 1:
-        return blocks.reciprocal()
-    if c > 3:
-        inv = torch.linalg.inv(torch.movedim(torch.movedim(blocks, 1, -1), 1, -1))
-        inv = torch.movedim(torch.movedim(inv, -1, 1), -1, 1)
-        return (inv + inv.transpose(1, 2)).mul_(0.5)
-    out = torch.empty_like(blocks)
-    h = [[blocks[:, i, j] for j in range(c)] for i in range(c)]
-    o = [[out[:, i, j] for j in range(c)] for i in range(c)]
-    if c == 2:
-        a, b, d = h[0][0], h[0][1], h[1][1]
-        inv_det = torch.mul(a, d).addcmul_(b, b, value=-1.0).reciprocal_()
-        torch.mul(d, inv_det, out=o[0][0])
-        torch.mul(a, inv_det, out=o[1][1])
-        torch.mul(b, inv_det, out=o[0][1]).neg_()
-        o[1][0].copy_(o[0][1])
-        return out
-    a, b, cc = h[0][0], h[0][1], h[0][2]
-    d, e, f = h[1][1], h[1][2], h[2][2]
-
-    def cofactor(dst, p, q, r, t):  # dst = p q − r t
-        return torch.mul(p, q, out=dst).addcmul_(r, t, value=-1.0)
-
-    cofactor(o[0][0], d, f, e, e)
-    cofactor(o[0][1], cc, e, b, f)
-    cofactor(o[0][2], b, e, cc, d)
-    cofactor(o[1][1], a, f, cc, cc)
-    cofactor(o[1][2], b, cc, a, e)
-    cofactor(o[2][2], a, d, b, b)
-    inv_det = torch.mul(a, o[0][0]).addcmul_(b, o[0][1]).addcmul_(cc, o[0][2]).reciprocal_()
-    for i, j in ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)):
-        o[i][j].mul_(inv_det)
-    for i, j in ((1, 0), (2, 0), (2, 1)):
-        o[i][j].copy_(o[j][i])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- validation

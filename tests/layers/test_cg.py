@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layers.cg import cg
+from layers.cg import GraphedCG, cg
 from layers.cupy_backend import cupy_available
 
 
@@ -119,3 +119,54 @@ def test_check_every_does_not_change_results():
     sparse = cg(_Dense(a), b, rtol=1e-9, maxiter=500, check_every=7)
     assert torch.equal(every.iterations, sparse.iterations)
     torch.testing.assert_close(sparse.x, every.x, rtol=0, atol=0)
+
+
+def _graphed_vs_eager(device, dtype=torch.float64):
+    a = _spd_batch([10.0, 1e3, 1e4]).to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    bs = [torch.randn(3, 30, dtype=torch.float64, generator=g).to(device=device, dtype=dtype) for _ in range(2)]
+    bs[1][0] = 0  # a zero right-hand side among the items of the second solve
+    op = _Dense(a)
+    inv_diag = 1.0 / torch.diagonal(a, dim1=1, dim2=2)
+
+    def precond(r, out=None):
+        return torch.mul(r, inv_diag, out=out)
+
+    precond.accepts_out = True
+    solver = GraphedCG(op, precond, (3, 30), dtype, device, block=8)
+    x0 = torch.ones(3, 30, dtype=dtype, device=device)
+    cases = [dict(rtol=1e-9, maxiter=500), dict(rtol=1e-9, maxiter=5), dict(rtol=1e-6, maxiter=500, x0=x0)]
+    for b in bs:  # the second right-hand side reuses the solver's buffers (and, on CUDA, its graphs)
+        for kw in cases:
+            got = solver.solve(b, **kw)
+            ref = cg(op, b, precond=precond, check_every=8, **kw)
+            yield kw, got, ref
+    assert torch.equal(x0, torch.ones_like(x0))  # x0 untouched
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_graphed_cg_runs_the_same_loop_as_cg(device):
+    """GraphedCG's stages (captured on CUDA, eager elsewhere) give cg's iterates: same iteration counts,
+    same x and residuals (float64), including an iteration cap that is not a multiple of the block, a warm
+    start, a zero right-hand side and a second solve on the same buffers."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA unavailable")
+    for kw, got, ref in _graphed_vs_eager(device):
+        assert torch.equal(got.iterations, ref.iterations), kw
+        assert torch.equal(got.converged, ref.converged), kw
+        torch.testing.assert_close(got.x, ref.x, rtol=0, atol=1e-12 * float(ref.x.abs().max()))
+        torch.testing.assert_close(got.rel_residual, ref.rel_residual, rtol=1e-9, atol=1e-15)
+        if kw["maxiter"] == 5:
+            assert got.iterations.max() == 5 and not got.converged.all()
+
+
+def test_graphed_cg_checks_its_arguments():
+    a = _spd_batch([10.0])
+    solver = GraphedCG(_Dense(a), None, (1, 30), torch.float64, "cpu")
+    assert not solver.captured
+    with pytest.raises(ValueError, match="b must have shape"):
+        solver.solve(torch.zeros(2, 30, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rtol"):
+        solver.solve(torch.zeros(1, 30, dtype=torch.float64), rtol=0.0)
+    with pytest.raises(ValueError, match="block"):
+        GraphedCG(_Dense(a), None, (1, 30), torch.float64, "cpu", block=0)

@@ -397,3 +397,31 @@ def test_cupy_backend_matches_torch(coupling, grid):
         torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-9)
     x_auto, info = gn_solve(H, b, lam, coupling=coupling, return_info=True)
     assert info.backend == "cupy"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("coupling", ["full", "diagonal"])
+def test_graph_backend_equals_torch_backend(device, coupling):
+    """The graph backend runs the torch backend's PCG (as CUDA graphs on CUDA, eagerly elsewhere): the same
+    iteration counts, solutions and implicit gradients (float64), also on a second call that reuses the cached
+    solver with other numbers and a warm start."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA unavailable")
+    from layers.gn_operator import clear_graph_cache
+
+    clear_graph_cache()
+    for seed in (12, 13):
+        H, b = random_problem((6, 5, 7), seed=seed)
+        H, b = H.to(device).requires_grad_(), b.to(device).requires_grad_()
+        lam = torch.tensor([0.3, 2.5], dtype=torch.float64, device=device, requires_grad=True)
+        x0 = torch.full_like(b, 0.1) if seed == 13 else None
+        w = torch.randn(b.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
+        out = {}
+        for backend in ("torch", "graph"):
+            x, info = gn_solve(H, b, lam, coupling=coupling, backend=backend, rtol=1e-10, x0=x0, return_info=True)
+            assert info.backend == backend and info.converged.all()
+            out[backend] = (x, info.iterations, *torch.autograd.grad((x * w).sum(), (H, b, lam)))
+        assert torch.equal(out["graph"][1], out["torch"][1])
+        for got, ref in zip(out["graph"], out["torch"]):
+            scale = float(ref.abs().max())
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-12 * max(scale, 1.0))
