@@ -9,6 +9,14 @@ One step, on a grid of stride ``s`` (``G = Sp / s`` nodes, ``Sp`` the feature sh
    terms weighted by the masks' similarity weight averaged over its block, :mod:`layers.masks`);
 4. solve ``(H + λ L⊗I) δ = −(g + λ (L⊗I) u)`` with :func:`layers.gn_solve` (differentiable);
 5. ``u ← u + α δ``.
+
+Steps 1-3 map the coarse field and the full-resolution features to the stride-``s`` system ``(H, g)``; with
+``recompute=True`` (:class:`GNRegistration`, :func:`gn_step`) they run under activation checkpointing, so that
+backpropagation stores only their inputs and the stride-``s`` outputs instead of the full-resolution
+intermediates (warped features, the heads' padded inputs) of every iteration, and recomputes those during the
+backward pass; the solve (step 4) stays outside the recomputed region. The stages are marked with
+``torch.profiler.record_function`` ranges ``gn.warp``, ``gn.jf``, ``gn.normal_equations`` and ``gn.solve``
+(no cost beyond a few microseconds when no profiler runs).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
 
 from .enums import Update
 from .gn_solve import gn_solve
@@ -109,6 +119,7 @@ def gn_step(
     channel_weights: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     moving_mask: torch.Tensor | None = None,
+    recompute: bool = False,
     **solver_kwargs,
 ) -> torch.Tensor:
     """One Gauss-Newton step; returns the updated coarse field.
@@ -133,26 +144,49 @@ def gn_step(
             node's data term is weighted by ``m_F · m_M ∘ (id + u)`` averaged over its ``stride^n`` block
             (:func:`layers.masks.similarity_weight`, :func:`layers.grid.pool_to_grid`); all-ones masks give the
             unmasked step.
+        recompute: when gradients are recorded, run steps 1-3 (warp, ``J``/``f``, normal equations) under
+            :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): the backward pass keeps only ``u``, the
+            features and ``H``, ``g`` ``(B, n, n, *G)``, ``(B, n, *G)`` of this step and recomputes the
+            full-resolution intermediates when it reaches them (the same values and gradients; one more
+            forward of those steps per backward). ``jf`` must then be deterministic (no dropout).
         solver_kwargs: passed to :func:`layers.gn_solve` (``rtol``, ``maxiter``, ``backend``, ...).
     """
     update = Update.lookup(update, "update")
-    shape = fixed.shape[2:]
     masks = [None if m is None else check_mask(m, fixed, name, check_values=False)
              for m, name in ((mask, "mask"), (moving_mask, "moving_mask"))]
-    disp = upsample_field(u.detach() if detach_warp else u, shape, stride)
-    warped = warp_image(moving, disp)
-    jac, res = jf(fixed, warped) if jf is not None else handcrafted_jf(fixed, warped, stride)
-    weight = similarity_weight(masks[0], masks[1], disp)
-    node_weights = None if weight is None else pool_to_grid(weight, stride)
-    hess, grad = assemble_normal_equations(jac, res, channel_weights, node_weights)
+    args = (fixed, moving, u, masks[0], masks[1], channel_weights)
+    system_kwargs = {"stride": stride, "jf": jf, "detach_warp": detach_warp}
+    if recompute and torch.is_grad_enabled():
+        hess, grad = checkpoint(_normal_system, *args, use_reentrant=False, **system_kwargs)
+    else:
+        hess, grad = _normal_system(*args, **system_kwargs)
     lam_b = lam.reshape(-1, *([1] * (u.dim() - 1))) if torch.is_tensor(lam) else lam
     rhs = -(grad + lam_b * laplacian_apply(u)) if update == "add" else -grad
-    delta = gn_solve(hess, rhs, lam, coupling=coupling, **solver_kwargs)
+    with record_function("gn.solve"):
+        delta = gn_solve(hess, rhs, lam, coupling=coupling, **solver_kwargs)
     step_b = step.reshape(-1, *([1] * (u.dim() - 1))) if torch.is_tensor(step) else step
     if update == "add":
         return u + step_b * delta
     # both fields are in full-resolution voxels on the coarse grid of spacing `stride`
     return compose(step_b * delta / stride, u / stride) * stride
+
+
+def _normal_system(
+    fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None,
+    moving_mask: torch.Tensor | None, channel_weights: torch.Tensor | None, *, stride: int,
+    jf: JFFunction | None, detach_warp: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of :func:`gn_step`: ``H`` ``(B, n, n, *G)`` and ``g`` ``(B, n, *G)`` from the features
+    ``(B, C, *Sp)``, the coarse field ``u`` ``(B, n, *G)`` (voxels) and the checked masks ``(B, 1, *Sp)``."""
+    with record_function("gn.warp"):
+        disp = upsample_field(u.detach() if detach_warp else u, fixed.shape[2:], stride)
+        warped = warp_image(moving, disp)
+    with record_function("gn.jf"):
+        jac, res = jf(fixed, warped) if jf is not None else handcrafted_jf(fixed, warped, stride)
+    with record_function("gn.normal_equations"):
+        weight = similarity_weight(mask, moving_mask, disp)
+        node_weights = None if weight is None else pool_to_grid(weight, stride)
+        return assemble_normal_equations(jac, res, channel_weights, node_weights)
 
 
 @dataclass
@@ -181,6 +215,11 @@ class GNRegistration(nn.Module):
             ``J`` and ``f`` directly and not back through earlier warps (truncated backpropagation; the
             forward result is unchanged).
         update: ``"add"`` (the reference) or ``"compose"`` (see :func:`gn_step`).
+        recompute: recompute, during the backward pass, each iteration's full-resolution part (warp, ``J``/``f``,
+            normal equations; :func:`gn_step`) instead of storing it: training memory then grows with the
+            iterations by the stride-``s`` system only (``(n² + n)·G`` values per item and iteration) instead of
+            several full-resolution ``C``-channel tensors, at the price of one more forward of that part per
+            iteration. Same values and gradients; no effect without gradients (inference).
     """
 
     def __init__(
@@ -194,8 +233,10 @@ class GNRegistration(nn.Module):
         solver: dict | None = None,
         detach_warp: bool = False,
         update: str = "add",
+        recompute: bool = False,
     ) -> None:
         super().__init__()
+        self.recompute = bool(recompute)
         update = Update.lookup(update, "update")
         self.update = update
         self.detach_warp = bool(detach_warp)
@@ -267,7 +308,7 @@ class GNRegistration(nn.Module):
             u = gn_step(fixed_p, moving_p, u, lams[t], stride=s, step=steps[t], jf=self.jf,
                         coupling=self.coupling, detach_warp=self.detach_warp, update=self.update,
                         channel_weights=channel_weights, mask=mask_p, moving_mask=moving_mask_p,
-                        **self.solver)
+                        recompute=self.recompute, **self.solver)
             if return_history:
                 history.append(u)
         padded_shape = fixed_p.shape[2:]

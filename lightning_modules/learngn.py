@@ -116,6 +116,13 @@ class LearnGN(RegistrationModule):
         weight_lr: Adam learning rate of the semantic channels' data-term weights.
         learn_schedule: also learn the per-iteration λ and step size (as logarithms, initialised at the
             schedule, so the untrained model is still handcrafted GN).
+        detach_warp: warp with a detached copy of the current field (truncated backpropagation,
+            :class:`layers.gn.GNRegistration`).
+        recompute: recompute each GN iteration's full-resolution part (warp of the ``(B, C, *S)`` moving
+            features, heads, normal equations) during the backward pass instead of storing it, so a training
+            step keeps only the stride-``s`` systems ``H`` ``(B, n, n, *G)``, ``g`` ``(B, n, *G)`` per
+            iteration (docs/design.md §3; :class:`layers.gn.GNRegistration`): less memory, one more forward of
+            that part per iteration, the same values and gradients. No effect on inference.
         rtol, maxiter: CG tolerance and iteration cap of each solve.
         w_label, w_keypoint, w_mind, w_reg: loss weights (label supervision, keypoint distance in mm, MIND
             MSE, diffusion regularity guard).
@@ -157,6 +164,7 @@ class LearnGN(RegistrationModule):
         weight_lr: float = 0.01,
         learn_schedule: bool = False,
         detach_warp: bool = False,
+        recompute: bool = False,
         rtol: float = 1e-3,
         maxiter: int = 500,
         w_label: float = 1.0,
@@ -188,7 +196,7 @@ class LearnGN(RegistrationModule):
         self.gn = GNRegistration(
             iterations=iterations, stride=stride, lam=(lam_start, lam_end), step=step, coupling=coupling,
             jf=CompactHeads(spatial_dims, channels + n_semantic, stride, hidden),
-            solver={"rtol": rtol, "maxiter": maxiter}, detach_warp=detach_warp,
+            solver={"rtol": rtol, "maxiter": maxiter}, detach_warp=detach_warp, recompute=recompute,
         )
         self.encoder = (FeatureEncoder(spatial_dims, 1, channels, encoder_hidden, encoder_depth)
                         if encoder_hidden > 0 else None)
