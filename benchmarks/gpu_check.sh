@@ -10,7 +10,13 @@
 #   4. benchmarks/gn_layer.py on cuda with every backend (torch, graph, cupy), against the targets (forward ≤ 2 ms, forward+backward ≤ 4 ms at 56×48×56);
 #   5. eval.py on BrainPair (handcrafted GN on MIND, configs/baselines/gn_mind.yaml) on the GPU with the cupy
 #      and the torch backend, when the data is found;
-#   6. benchmarks/train_step.py --device cuda --out FILE, when that script exists.
+#   6. benchmarks/train_step.py --device cuda --out FILE, when that script exists;
+#   7. (step "hippo_eval") eval.py on the 20 Hippocampus val pairs on the GPU: the shipped LearnGN
+#      (checkpoints/hippocampus_learngn.ckpt, λ 0.6) and handcrafted GN (the setting chosen in
+#      benchmarks/results/hippocampus.md), seconds per pair;
+#   8. (step "hippo_train") train.py fit -c configs/hippocampus3d.yaml on the GPU, once per variant of
+#      GPU_TRAIN_VARIANTS ("name:extra CLI args;name2:..."), timed; the exported weights and metrics.csv of
+#      each variant are copied to $OUT (the training runs write runs/hippocampus3d of the copy they run in).
 #
 # Every step is bounded by the remaining time budget; a step that fails or is skipped is reported as such and
 # the script goes on. Without CUDA (a dry run) the GPU steps report "no CUDA" and the report goes to a scratch
@@ -30,7 +36,9 @@
 #   GPU_CHECK_MD      report path (default: benchmarks/results/gpu.md with CUDA, <scratch>/gpu.md without)
 #   GPU_CHECK_WORK    scratch folder for outputs and logs (default: a new temporary folder)
 #   GPU_CHECK_BUDGET  seconds for the whole check (default: 470)
-#   GPU_CHECK_STEPS   steps to run, a subset of "tests platform gn_layer eval train_step" (default: all)
+#   GPU_CHECK_STEPS   steps to run, a subset of "tests platform gn_layer eval train_step hippo_eval hippo_train"
+#                     (default: the first five)
+#   GPU_TRAIN_VARIANTS  variants of step hippo_train (default "recipe:")
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -39,6 +47,7 @@ PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
 BUDGET=${GPU_CHECK_BUDGET:-470}
 STEPS=${GPU_CHECK_STEPS:-"tests platform gn_layer eval train_step"}
+TRAIN_VARIANTS=${GPU_TRAIN_VARIANTS:-"recipe:"}
 # the pure-Python packages a bare GPU image lacks (jsonargparse[signatures] = docstring-parser + typeshed-client;
 # typing-extensions, PyYAML, packaging and numpy are there); versions: the ones this project is developed with
 STAGE_PACKAGES="monai nibabel jsonargparse docstring-parser typeshed-client"
@@ -61,11 +70,13 @@ if [ "${1:-}" = "--stage" ]; then
             --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHEELS" "$spec" || exit 1
     done
     data=${L2O_SHARED_DATA:-../shared/data}
-    if [ -d "$data/BrainPair" ]; then
-        rm -rf .gpu_data/BrainPair && cp -r "$data/BrainPair" .gpu_data/ && chmod -R u+w .gpu_data
-    else
-        echo "no BrainPair under $data: eval.py on BrainPair will be skipped on the GPU machine"
-    fi
+    for set in BrainPair Hippocampus; do
+        if [ -d "$data/$set" ]; then
+            rm -rf ".gpu_data/$set" && cp -r "$data/$set" .gpu_data/ && chmod -R u+w .gpu_data
+        else
+            echo "no $set under $data: the steps that use it will be skipped on the GPU machine"
+        fi
+    done
     ls -l "$WHEELS"
     du -sh "$WHEELS" .gpu_data
     echo "carry: [\"$WHEELS\", \".gpu_data\"]; command: bash benchmarks/gpu_check.sh"
@@ -296,7 +307,7 @@ if wants eval; then
            "\`s/pair\` is the registration alone (summary.json \`seconds\`), \`wall s\` the whole eval.py command." "" \
            "| backend | pairs | failed | Dice | SDlogJ | folding | s/pair | wall s | status |" \
            "|---|---|---|---|---|---|---|---|---|"
-        for backend in cupy torch; do
+        for backend in graph cupy torch; do
             out=$WORK/brainpair_gn_$backend
             t0=$(date +%s%N)
             bounded 100 "$PYTHON" eval.py --method gn --method-config configs/baselines/gn_mind.yaml \
@@ -325,7 +336,7 @@ EOF
             [ "$rc" = 0 ] || cp "$WORK/last.out" "$WORK/brainpair_$backend.err"
         done
         md ""
-        for backend in cupy torch; do
+        for backend in graph cupy torch; do
             if [ -f "$WORK/brainpair_$backend.err" ]; then
                 md "$backend backend, end of the output:" '```' "$(tail -n 25 "$WORK/brainpair_$backend.err")" '```' ""
             fi
@@ -354,6 +365,99 @@ if wants train_step; then
     fi
 fi
 
+# ------------------------------------------------------------------------------------------------ 7-8. Hippocampus
+HDATA=${L2O_SHARED_DATA:-}
+if [ -z "$HDATA" ]; then
+    if [ -d .gpu_data/Hippocampus ]; then HDATA=.gpu_data; else HDATA=../shared/data; fi
+fi
+HJSON=$HDATA/Hippocampus/Hippocampus_dataset.json
+summary_row() {  # summary_row SUMMARY.json: "pairs | failed | Dice | SDlogJ | folding | s/pair"
+    "$PYTHON" - "$1" <<'EOF' 2>/dev/null
+import json
+import sys
+
+s = json.load(open(sys.argv[1]))
+m = s["metrics"]
+
+
+def f(key, fmt):
+    return "n/a" if m.get(key) is None else format(m[key], fmt)
+
+
+print(f"{s['n_pairs']} | {s['n_failed']} | {f('dice', '.4f')} | {f('sdlogj', '.3f')} | {f('folding', '.4f')} | "
+      f"{f('seconds', '.3f')}")
+EOF
+}
+if wants hippo_eval; then
+    say "== eval.py on the Hippocampus val pairs"
+    md "## eval.py on the 20 Hippocampus val pairs (GPU)" ""
+    if [ "$HAVE_CUDA" = 0 ]; then
+        md "- no CUDA: not run" ""
+    elif [ ! -f "$HJSON" ]; then
+        md "- SKIPPED: no Hippocampus at $HDATA (stage it with \`bash benchmarks/gpu_check.sh --stage\`)" ""
+    else
+        md "CPU reference (\`benchmarks/results/hippocampus.md\`, 2 CPU cores): LearnGN 0.7532 / 1.47 s per pair," \
+           "handcrafted GN 0.7193 / 0.47 s per pair." "" \
+           "| method | pairs | failed | Dice | SDlogJ | folding | s/pair | wall s | status |" \
+           "|---|---|---|---|---|---|---|---|---|"
+        for spec in "learngn|--method learngn --ckpt checkpoints/hippocampus_learngn.ckpt --lam 0.6" \
+                    "gn_mind_0.3|--method gn --method-arg lam=[0.3,0.03]"; do
+            name=${spec%%|*}
+            read -r -a margs <<< "${spec#*|}"
+            out=$WORK/hippo_$name
+            t0=$(date +%s%N)
+            bounded 120 "$PYTHON" eval.py "${margs[@]}" --data "$HJSON" --split val --out "$out" --overwrite \
+                --figures 0 --accelerator gpu --devices 1
+            rc=$?
+            ms=$((($(date +%s%N) - t0) / 1000000))
+            row=$(summary_row "$out/summary.json")
+            md "| $name | ${row:-n/a | n/a | n/a | n/a | n/a | n/a} | $((ms / 1000)).$((ms % 1000 / 100)) | $(status_word $rc) |"
+            [ "$rc" = 0 ] || md "" '```' "$(tail -n 20 "$WORK/last.out")" '```' ""
+        done
+        md ""
+    fi
+fi
+if wants hippo_train; then
+    say "== train.py fit -c configs/hippocampus3d.yaml on the GPU"
+    md "## Training the Hippocampus recipe on the GPU (\`train.py fit -c configs/hippocampus3d.yaml\`)" ""
+    if [ "$HAVE_CUDA" = 0 ]; then
+        md "- no CUDA: not run" ""
+    elif [ ! -f "$HJSON" ]; then
+        md "- SKIPPED: no Hippocampus at $HDATA" ""
+    else
+        md "CPU reference: 65.5 min wall on 2 shared CPU cores (\`benchmarks/results/hippocampus_training.md\`)." "" \
+           "| variant | extra arguments | wall s | final val/dice | status |" "|---|---|---|---|---|"
+        IFS=';' read -r -a variants <<< "$TRAIN_VARIANTS"
+        for variant in "${variants[@]}"; do
+            name=${variant%%:*}
+            read -r -a extra <<< "${variant#*:}"
+            rm -rf runs/hippocampus3d
+            t0=$(date +%s%N)
+            bounded 400 "$PYTHON" train.py fit -c configs/hippocampus3d.yaml --data.source "$HJSON" \
+                --data.num_workers 4 --trainer.accelerator gpu --trainer.devices 1 "${extra[@]}"
+            rc=$?
+            ms=$((($(date +%s%N) - t0) / 1000000))
+            dice=$("$PYTHON" - runs/hippocampus3d/logs/metrics.csv <<'EOF' 2>/dev/null
+import csv
+import sys
+
+rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("val/dice")]
+print(f"{float(rows[-1]['val/dice']):.4f} (epoch {rows[-1]['epoch']})")
+EOF
+)
+            md "| $name | \`${extra[*]}\` | $((ms / 1000)).$((ms % 1000 / 100)) | ${dice:-n/a} | $(status_word $rc) |"
+            [ "$rc" = 0 ] || md "" '```' "$(tail -n 20 "$WORK/last.out")" '```' ""
+            if [ -f runs/hippocampus3d/checkpoints/last.ckpt ]; then
+                "$PYTHON" -m lightning_modules.checkpoint runs/hippocampus3d/checkpoints/last.ckpt \
+                    "$WORK/hippo_$name.ckpt" >> "$LOG" 2>&1
+                cp runs/hippocampus3d/logs/metrics.csv "$WORK/hippo_${name}_metrics.csv" 2>/dev/null
+            fi
+            rm -rf "$WORK/h3d_$name" && mv runs/hippocampus3d "$WORK/h3d_$name" 2>/dev/null
+        done
+        md ""
+    fi
+fi
+
 # ------------------------------------------------------------------------------------------------ report
 ELAPSED=$((SECONDS - START))
 {
@@ -374,5 +478,8 @@ say "report: $REPORT (${ELAPSED} s); log: $LOG"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
     cp "$WORK/gpu.md" "$LOG" "$OUT/" 2>/dev/null
     [ -f "$WORK/gn_layer_gpu.md" ] && cp "$WORK/gn_layer_gpu.md" "$OUT/"
+    for f in "$WORK"/hippo_*.ckpt "$WORK"/hippo_*_metrics.csv; do
+        [ -f "$f" ] && cp "$f" "$OUT/"
+    done
 fi
 exit 0

@@ -210,14 +210,16 @@ class _PCGLoop:
         self.operator, self.precond, self.b = operator, precond, b
         bsz = b.shape[0]
         m = b[0].numel() if bsz > 0 else 0
-        self.row = lambda t: t.view(bsz, 1, m)
-        self.col = lambda t: t.view(bsz, m, 1)
         self.bsz = bsz
         self.x = torch.zeros_like(b)
         self.r = torch.empty_like(b)
         self.z = torch.empty_like(b) if precond is not None else self.r
         self.p = torch.empty_like(b)
         self.buf = torch.empty_like(b)  # operator output (A p)
+        # (B, 1, M) row and (B, M, 1) column views of the vectors, made once
+        self.b_r, self.x_r, self.r_r, self.z_r, self.p_r, self.buf_r = (
+            t.view(bsz, 1, m) for t in (b, self.x, self.r, self.z, self.p, self.buf))
+        self.b_c, self.r_c, self.z_c, self.buf_c = (t.view(bsz, m, 1) for t in (b, self.r, self.z, self.buf))
         scalar = b.new_zeros((bsz, 1, 1))
         self.bb, self.tol2, self.rr, self.rz = (scalar.clone() for _ in range(4))
         self.rel = scalar.clone()
@@ -241,46 +243,44 @@ class _PCGLoop:
 
     def start(self, has_x0: bool) -> None:
         """``x``: the initial guess (already in ``self.x`` when ``has_x0``) -> residual, direction, flags."""
-        row, col = self.row, self.col
-        torch.bmm(row(self.b), col(self.b), out=self.bb)
+        torch.bmm(self.b_r, self.b_c, out=self.bb)
         torch.eq(self.bb, 0, out=self.zero_rhs)
         torch.mul(self.bb, self.rtol2, out=self.tol2)
         if has_x0:
-            row(self.x).masked_fill_(self.zero_rhs, 0.0)
+            self.x_r.masked_fill_(self.zero_rhs, 0.0)
             torch.sub(self.b, self.apply(self.operator, self.x, self.buf), out=self.r)
         else:
             self.x.zero_()
             self.r.copy_(self.b)
-        torch.bmm(row(self.r), col(self.r), out=self.rr)
+        torch.bmm(self.r_r, self.r_c, out=self.rr)
         torch.gt(self.rr, self.tol2, out=self.active)
         self.iterations.zero_()
         if self.precond is not None:
             self.apply(self.precond, self.r, self.z)
-            torch.bmm(row(self.r), col(self.z), out=self.rz)
+            torch.bmm(self.r_r, self.z_c, out=self.rz)
         else:
             self.rz.copy_(self.rr)
         self.p.copy_(self.z)
 
     def iterate(self, capped: bool) -> None:
         """One PCG iteration for the active items (``capped``: also freeze items that reached ``maxiter``)."""
-        row, col = self.row, self.col
-        p_r, r_r = row(self.p), row(self.r)
+        p_r, r_r = self.p_r, self.r_r
         if capped:
             self.active &= self.iterations < self.maxiter
         self.apply(self.operator, self.p, self.buf)
-        alpha = torch.where(self.active, self.rz / torch.bmm(p_r, col(self.buf)), self.zero)
-        row(self.x).addcmul_(alpha, p_r)
-        r_r.addcmul_(alpha, row(self.buf), value=-1.0)
-        torch.bmm(r_r, col(self.r), out=self.rr)
+        alpha = torch.where(self.active, self.rz / torch.bmm(p_r, self.buf_c), self.zero)
+        self.x_r.addcmul_(alpha, p_r)
+        r_r.addcmul_(alpha, self.buf_r, value=-1.0)
+        torch.bmm(r_r, self.r_c, out=self.rr)
         self.iterations += self.active
         self.active &= self.rr > self.tol2
         if self.precond is not None:
             self.apply(self.precond, self.r, self.z)
-            rz_new = torch.bmm(r_r, col(self.z))
+            rz_new = torch.bmm(r_r, self.z_c)
         else:
             rz_new = self.rr
         beta = torch.where(self.active, rz_new / self.rz, self.zero)
-        torch.addcmul(row(self.z), beta, p_r, out=p_r)  # p = z + β p in one pass
+        torch.addcmul(self.z_r, beta, p_r, out=p_r)  # p = z + β p in one pass
         self.rz.copy_(rz_new)
 
     def finish(self, true_residual: bool) -> None:
@@ -289,7 +289,7 @@ class _PCGLoop:
         rr = self.rr
         if true_residual:
             torch.sub(self.b, self.apply(self.operator, self.x, self.buf), out=self.buf)
-            rr = torch.bmm(self.row(self.buf), self.col(self.buf))
+            rr = torch.bmm(self.buf_r, self.buf_c)
         ratio = rr / torch.where(self.zero_rhs, self.one, self.bb)
         torch.where(self.zero_rhs, self.zero, torch.sqrt(ratio), out=self.rel)
 
