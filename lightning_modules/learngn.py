@@ -94,6 +94,10 @@ class LearnGN(RegistrationModule):
         step: GN step size α.
         coupling: ``"full"`` or ``"diagonal"``.
         hidden: width of the optional nonlinear branch of each head (0 = linear heads, the reference).
+        fused_heads: run each head's linear part as one stride-``s`` convolution with the kernel composed from
+            the learned ones (:class:`layers.heads.CompactHeads` ``fused``, docs/design.md §4): the same
+            operator and gradients up to rounding, fewer multiply-adds, no stride-2 intermediate; the
+            parameters and checkpoints are the same either way.
         encoder_hidden: width of an optional learned residual feature encoder
             (:class:`layers.encoder.FeatureEncoder`, zero-initialised, shared by fixed and moving; 0 = none).
         encoder_depth: hidden layers of that encoder.
@@ -151,6 +155,7 @@ class LearnGN(RegistrationModule):
         step: float = 1.0,
         coupling: str = "full",
         hidden: int = 0,
+        fused_heads: bool = False,
         encoder_hidden: int = 0,
         encoder_depth: int = 4,
         encoder_lr: float | None = None,
@@ -195,7 +200,7 @@ class LearnGN(RegistrationModule):
         n_semantic = len(label_ids) if semantic else 0
         self.gn = GNRegistration(
             iterations=iterations, stride=stride, lam=(lam_start, lam_end), step=step, coupling=coupling,
-            jf=CompactHeads(spatial_dims, channels + n_semantic, stride, hidden),
+            jf=CompactHeads(spatial_dims, channels + n_semantic, stride, hidden, fused=fused_heads),
             solver={"rtol": rtol, "maxiter": maxiter}, detach_warp=detach_warp, recompute=recompute,
         )
         self.encoder = (FeatureEncoder(spatial_dims, 1, channels, encoder_hidden, encoder_depth)

@@ -1,12 +1,13 @@
-"""GNRegistration(recompute=True): the same values and gradients as storing everything, fewer bytes saved for
-backward (docs/design.md §3)."""
+"""The training-memory and speed options of the GN layer: GNRegistration(recompute=True) gives the same values
+and gradients as storing everything and saves fewer bytes for backward (docs/design.md §3); CompactHeads(fused=True)
+gives the same operator and gradients up to rounding (docs/design.md §4)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from layers.gn import GNRegistration
-from layers.heads import CompactHeads
+from layers.heads import CompactHeads, linear_extrapolation_pad
 
 SHAPE = (20, 24, 28)  # padded to 20×24×28 at stride 4 (no padding), grid 5×6×7
 CHANNELS = 3
@@ -20,9 +21,9 @@ def _smooth(shape, channels, seed):
     return (x - x.mean()) / x.std()
 
 
-def _model(recompute, hidden=4):
+def _model(recompute, hidden=4, fused=False):
     torch.manual_seed(0)
-    heads = CompactHeads(3, CHANNELS, stride=4, hidden=hidden).double()
+    heads = CompactHeads(3, CHANNELS, stride=4, hidden=hidden, fused=fused).double()
     with torch.no_grad():  # away from the handcrafted initialisation, so every weight matters
         for p in heads.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -38,9 +39,9 @@ def _inputs():
     return fixed, moving, lam, mask
 
 
-def _run(recompute, detach_warp):
+def _run(recompute, detach_warp, fused=False):
     """The field ``(1, 3, *SHAPE)`` and the gradients of a loss w.r.t. the features, λ and the heads' weights."""
-    model = _model(recompute)
+    model = _model(recompute, fused=fused)
     model.detach_warp = detach_warp
     fixed, moving, lam, mask = _inputs()
     out = model(fixed, moving, lam=lam, mask=mask, moving_mask=mask)
@@ -92,3 +93,49 @@ def test_recompute_has_no_effect_without_gradients():
         a = _model(False)(fixed, moving).disp
         b = _model(True)(fixed, moving).disp
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n,shape,stride", [(2, (16, 24), 2), (2, (32, 48), 8), (3, (8, 12, 16), 4),
+                                            (3, (16, 8, 16), 8)])
+@pytest.mark.parametrize("hidden", [0, 3])
+def test_fused_heads_are_the_same_operator(n, shape, stride, hidden):
+    torch.manual_seed(1)
+    heads = CompactHeads(n, 2, stride, hidden=hidden).double()
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fixed = torch.randn(2, 2, *shape, dtype=torch.float64)
+    warped = torch.randn(2, 2, *shape, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for fused in (False, True):
+        heads.fused = fused
+        jac, res = heads(fixed, warped)
+        loss = (jac * torch.cos(torch.arange(jac.numel(), dtype=torch.float64).view_as(jac))).sum() + res.pow(2).sum()
+        outs.append((jac, res))
+        grads.append(torch.autograd.grad(loss, [warped, *heads.parameters()]))
+    assert heads.j_head.linear_kernel().shape[2:] == (stride + 2,) * n
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-11)
+
+
+def test_the_composed_kernel_of_the_initial_heads_is_the_handcrafted_one():
+    # at initialisation the J head's composed kernel of channel 0, axis 0, is the central difference along
+    # axis 0 spread over 4 voxels by the boxes, on the padded grid: taps 0..5 = (-1, -1, 0, 0, 1, 1) / 8 along
+    # the axis, (0, 1, 1, 1, 1, 0) / 4 along the others
+    heads = CompactHeads(2, 1, 4).double()
+    kernel = heads.j_head.linear_kernel()[0, 0]
+    along = torch.tensor([-1, -1, 0, 0, 1, 1], dtype=torch.float64) / 8
+    across = torch.tensor([0, 1, 1, 1, 1, 0], dtype=torch.float64) / 4
+    torch.testing.assert_close(kernel, along[:, None] * across[None, :], rtol=0, atol=1e-15)
+    x = linear_extrapolation_pad(torch.arange(64.0, dtype=torch.float64).view(1, 1, 8, 8))
+    assert torch.allclose(heads.j_head(x)[0, 0], torch.full((2, 2), 8.0, dtype=torch.float64))  # slope 8 along 0
+
+
+def test_fused_heads_in_gn_give_the_same_field_and_gradients():
+    disp_ref, grads_ref = _run(False, False)
+    disp, grads = _run(True, False, fused=True)
+    torch.testing.assert_close(disp, disp_ref, rtol=0, atol=1e-10)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10 * max(1.0, float(g_ref.abs().max())))
