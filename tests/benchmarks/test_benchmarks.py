@@ -1,0 +1,56 @@
+"""The benchmark package's helpers and the hyper report's sections rebuilt from the stored JSON results (no run,
+no recomputation: the sections that need none must equal the committed page)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import RESULTS, paired_difference, render
+from benchmarks.hyper import cli
+from benchmarks.hyper.shared import load_json
+
+
+def test_render_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "t.md"
+    path.write_text("a comment\n<!-- block: one -->\nx $v\n\n<!-- block: two -->\ninline $v\n")
+    assert render(path, "one", v=1) == ["x 1", ""]
+    assert render(path, "two", v="y") == ["inline y"]
+    with pytest.raises(KeyError):
+        render(path, "one")
+
+
+def test_paired_difference_ignores_nan() -> None:
+    out = paired_difference([1.0, 2.0, float("nan"), 4.0], [2.0, 2.0, 1.0, 3.0])
+    assert out["pairs"] == 3
+    assert out["mean"] == pytest.approx(0.0)
+    assert out["wins"] == pytest.approx(1 / 3) and out["ties"] == pytest.approx(1 / 3)
+    assert out["se"] == pytest.approx(1 / math.sqrt(3))
+
+
+def test_current_command() -> None:
+    assert cli.current_command("python benchmarks/hyper.py confirm --steps 10 --test-pairs 256") == (
+        "python -m benchmarks.hyper confirm --steps 10 --test-pairs 256")
+    removed = "python benchmarks/hyper.py schedule --steps 20 --perturb 0.2 --tag es"
+    assert cli.current_command(removed) == removed  # its options left the parser: runs from its own commit
+    assert cli.current_command("python -m benchmarks.hyper guard") == "python -m benchmarks.hyper guard"
+
+
+def test_help_lists_every_subcommand() -> None:
+    text = cli.build_parser().format_help()
+    assert all(name in text for name in cli.SUBCOMMANDS)
+
+
+@pytest.mark.skipif(not (RESULTS / "hyper_bilevel.json").is_file(), reason="no stored hyper results")
+def test_hyper_sections_match_the_committed_page() -> None:
+    from benchmarks.hyper import report, report_schedule
+    from benchmarks.hyper.summary import summary_lines
+
+    page = (RESULTS / "hyper.md").read_text()
+    sections = [summary_lines(), report.bilevel_lines(load_json("bilevel")), report.guard_lines(load_json("guard")),
+                report.amortised_lines(load_json("amortised")), report_schedule.run_lines(load_json("schedule_T20")),
+                report_schedule.linesearch_lines(load_json("linesearch_T10"))]
+    for lines in sections:
+        assert "\n".join(lines) in page
