@@ -1,6 +1,6 @@
 """Probes of baseline settings (which settings reach Dice 0.72, and at what regularity?).
 
-    python benchmarks/baseline_probes.py [--threads 2]
+    python -m benchmarks.baseline_probes [--threads 2]
 
 Each row is ``make_baseline(method, **settings)`` on both BrainPair directions (Dice over the 30 labels of the
 dataset JSON; per direction and the mean), with the metrics of :func:`lightning_modules.metrics.pair_metrics`
@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from baselines import brainpair_batches, recipe, run_method, shared_data_root, synthetic_batches  # noqa: E402
-
-from lightning_modules.baselines import make_baseline  # noqa: E402
+from benchmarks.baselines import brainpair_batches, recipe, run_method, synthetic_batches
+from benchmarks.common import RESULTS, load_average, now, shared_data_root, torch_threads, write_page
+from lightning_modules.baselines import make_baseline
 
 #: the convexadam_lncc.yaml and convexadam_logj.yaml recipes
 LNCC_RECIPE, LOGJ_RECIPE = recipe("convexadam_lncc"), recipe("convexadam_logj")
@@ -79,24 +72,22 @@ SYNTHETIC_PROBES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Run the probes and write the page."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline_probes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "baseline_probes.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "baseline_probes.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     batches = brainpair_batches(shared_data_root())
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    started = now()
     lines = [
         "# Baseline probes",
         "",
-        f"Command: `python benchmarks/baseline_probes.py --threads {args.threads}`; torch {torch.__version__}, "
-        f"{args.threads} threads; started {started}.",
+        f"Command: `python -m benchmarks.baseline_probes --threads {args.threads}`; {torch_threads(args.threads)}; "
+        f"started {started}.",
         "",
     ]
     if batches:
@@ -127,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} | {_mean(rows, 'dice'):.4f} | {_mean(rows, 'tre'):.3f} | "
                      f"{_mean(rows, 'sdlogj'):.3f} | "
                      f"{100 * _mean(rows, 'folding'):.3f} | {_mean(rows, 'seconds'):.2f} |")
-    load = os.getloadavg()
-    lines += ["", f"Load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    lines += ["", f"Load average at the end {load_average()}.", ""]
+    write_page(args.out, lines)
     logging.getLogger("benchmarks.baseline_probes").info("wrote %s", args.out)
     return 0
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark of the evaluation-only baselines: accuracy, regularity and time per pair.
 
-    python benchmarks/baselines.py                       # BrainPair (both directions) + 3 synthetic 3D pairs
-    python benchmarks/baselines.py --threads 2 --synthetic 3 --methods identity gn adam convexadam
+    python -m benchmarks.baselines                       # BrainPair (both directions) + 3 synthetic 3D pairs
+    python -m benchmarks.baselines --threads 2 --synthetic 3 --methods identity gn adam convexadam
 
 Runs identity, handcrafted GN, AdamIO (both presets) and ConvexAdam on
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import sys
 import time
 from collections.abc import Iterable
@@ -31,14 +29,13 @@ from typing import Any
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from data.synthetic import SyntheticPairs  # noqa: E402
-from lightning_modules.baselines import make_baseline  # noqa: E402
-from lightning_modules.metrics import pair_metrics  # noqa: E402
+from benchmarks.common import REPO, RESULTS, as_batch, load_average, machine, now, shared_data_root, write_page
+from data.synthetic import SyntheticPairs
+from lightning_modules.baselines import make_baseline
+from lightning_modules.metrics import pair_metrics
 
 log = logging.getLogger("benchmarks.baselines")
+
 
 def recipe(name: str) -> dict[str, Any]:
     """The ``init_args`` of ``configs/baselines/<name>.yaml`` (the one place a baseline recipe is written)."""
@@ -67,15 +64,58 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
 COLUMNS = ("dice", "dice30", "hd95", "sdlogj", "sdlogj_l2r", "folding")
 
 
-def shared_data_root() -> Path:
-    """``$L2O_SHARED_DATA`` or ``<repo>/../shared/data``."""
-    env = os.environ.get("L2O_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+def main(argv: list[str] | None = None) -> int:
+    """Run the methods on the data sets and write the page."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--synthetic", type=int, default=3, help="number of synthetic 3D pairs (0: none)")
+    parser.add_argument("--synthetic-size", type=int, default=64, help="synthetic volume edge (voxels)")
+    parser.add_argument("--no-brainpair", action="store_true", help="skip BrainPair")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="subset of row methods by name (identity gn adam convexadam)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "baselines.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    load_start, started = load_average(), now()
 
+    datasets: list[tuple[str, list[dict[str, Any]]]] = []
+    if not args.no_brainpair:
+        brain = brainpair_batches(shared_data_root())
+        if brain:
+            datasets.append(("BrainPair (160×192×224, 30 labels, both directions)", brain))
+    if args.synthetic > 0:
+        datasets.append((f"synthetic 3D ({args.synthetic} pairs, {args.synthetic_size}³, test stream)",
+                         synthetic_batches(args.synthetic, args.synthetic_size)))
+    methods = [m for m in METHODS if args.methods is None or m[1] in args.methods]
 
-def as_batch(sample: dict[str, Any]) -> dict[str, Any]:
-    """A one-pair batch (``data/batch.py``) from a sample: tensors gain a batch dimension, strings a list."""
-    return {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in sample.items()}
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    out: list[str] = [
+        "# Baselines benchmark",
+        "",
+        f"Command: `python -m benchmarks.baselines {command}`",
+        "",
+        f"Machine: {machine()}; torch {torch.__version__}, `torch.set_num_threads({args.threads})`; "
+        f"started {started}, load average at start {load_start} (1 / 5 / 15 min).",
+        "",
+        "Metrics from `lightning_modules.metrics.pair_metrics` (HD95 in mm with the image spacing; SDlogJ "
+        "over the interior; folding = fraction of J ≤ 0). Seconds: wall clock around `register` only; "
+        "CPU-s: process time over the same span.",
+        "",
+    ]
+    for title, batches in datasets:
+        results = []
+        for label, name, kwargs in methods:
+            model = make_baseline(name, **kwargs)
+            results.append((label, run_method(model, batches)))
+        out += [f"## {title}", "", *table(results, per_pair=False), ""]
+        if len(batches) > 1 and title.startswith("BrainPair"):
+            out += ["Per pair:", "", *table(results, per_pair=True), ""]
+    out += [f"Finished {now()}; load average at the end {load_average()}.", ""]
+    write_page(args.out, out)
+    log.info("wrote %s", args.out)
+    return 0
 
 
 def brainpair_batches(root: Path) -> list[dict[str, Any]]:
@@ -114,15 +154,6 @@ def run_method(model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> lis
     return rows
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None or value != value else format(value, spec)
-
-
-def _mean(rows: list[dict[str, float]], key: str) -> float | None:
-    vals = [r[key] for r in rows if key in r and r[key] == r[key]]
-    return sum(vals) / len(vals) if vals else None
-
-
 def table(results: list[tuple[str, list[dict[str, float]]]], per_pair: bool) -> list[str]:
     """Markdown rows: one per method (means over pairs), or one per method and pair."""
     names = ["method"] + (["pair"] if per_pair else []) + [
@@ -141,74 +172,13 @@ def table(results: list[tuple[str, list[dict[str, float]]]], per_pair: bool) -> 
     return lines
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None or value != value else format(value, spec)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--synthetic", type=int, default=3, help="number of synthetic 3D pairs (0: none)")
-    parser.add_argument("--synthetic-size", type=int, default=64, help="synthetic volume edge (voxels)")
-    parser.add_argument("--no-brainpair", action="store_true", help="skip BrainPair")
-    parser.add_argument("--methods", nargs="*", default=None,
-                        help="subset of row methods by name (identity gn adam convexadam)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "baselines.md")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-
-    datasets: list[tuple[str, list[dict[str, Any]]]] = []
-    if not args.no_brainpair:
-        brain = brainpair_batches(shared_data_root())
-        if brain:
-            datasets.append(("BrainPair (160×192×224, 30 labels, both directions)", brain))
-    if args.synthetic > 0:
-        datasets.append((f"synthetic 3D ({args.synthetic} pairs, {args.synthetic_size}³, test stream)",
-                         synthetic_batches(args.synthetic, args.synthetic_size)))
-    methods = [m for m in METHODS if args.methods is None or m[1] in args.methods]
-
-    command = " ".join(sys.argv[1:] if argv is None else argv)
-    out: list[str] = [
-        "# Baselines benchmark",
-        "",
-        f"Command: `python benchmarks/{Path(__file__).name} {command}`",
-        "",
-        f"Machine: {machine()}; torch {torch.__version__}, `torch.set_num_threads({args.threads})`; "
-        f"started {started}, load average at start {load_start[0]:.1f} / {load_start[1]:.1f} / "
-        f"{load_start[2]:.1f} (1 / 5 / 15 min).",
-        "",
-        "Metrics from `lightning_modules.metrics.pair_metrics` (HD95 in mm with the image spacing; SDlogJ "
-        "over the interior; folding = fraction of J ≤ 0). Seconds: wall clock around `register` only; "
-        "CPU-s: process time over the same span.",
-        "",
-    ]
-    for title, batches in datasets:
-        results = []
-        for label, name, kwargs in methods:
-            model = make_baseline(name, **kwargs)
-            results.append((label, run_method(model, batches)))
-        out += [f"## {title}", "", *table(results, per_pair=False), ""]
-        if len(batches) > 1 and title.startswith("BrainPair"):
-            out += ["Per pair:", "", *table(results, per_pair=True), ""]
-    load_end = os.getloadavg()
-    out += [f"Finished {time.strftime('%Y-%m-%d %H:%M:%S')}; load average at the end {load_end[0]:.1f} / "
-            f"{load_end[1]:.1f} / {load_end[2]:.1f}.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(out))
-    log.info("wrote %s", args.out)
-    return 0
+def _mean(rows: list[dict[str, float]], key: str) -> float | None:
+    vals = [r[key] for r in rows if key in r and r[key] == r[key]]
+    return sum(vals) / len(vals) if vals else None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How far Adam's first steps move the handcrafted 3D heads (why training collapsed on real data).
 
-    python benchmarks/head_step_size.py [--steps 4] [--threads 2]
+    python -m benchmarks.head_step_size [--steps 4] [--threads 2]
 
 1. For the 3D heads of LearnGN on MIND-SSC (12 channels, stride 4) initialised to the handcrafted operators:
    each weight tensor's size, non-zero count and norm, and the relative change ``lr · sqrt(N) / ‖w‖`` of
@@ -15,21 +15,41 @@ Writes ``benchmarks/results/head_step_size.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, dataset_json, now, write_page
 from data.datamodule import RegistrationDataModule
 from layers.heads import CompactHeads
 from lightning_modules.learngn import LearnGN
 
-REPO = Path(__file__).resolve().parents[1]
+#: the learning rates whose first Adam step is tabulated
 LRS = (3e-3, 1e-3, 3e-4, 1e-4)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Tabulate the heads' first Adam steps, measure a few, write the page."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.head_step_size", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    started = now(seconds=False)
+    lines = ["# Adam's first steps against the handcrafted 3D heads", "",
+             f"Command: `python -m benchmarks.head_step_size --steps {a.steps} --threads {a.threads}` ({started}).",
+             "", "## The handcrafted 3D heads (MIND-SSC, 12 channels, stride 4) and Adam's first step", "",
+             "Adam's first update is `lr · sign(g)` on every weight with a gradient, so it changes a weight tensor "
+             "by `lr · sqrt(N) / ‖w‖` relative to its norm; the zeros (the cross-channel terms) all move.", "",
+             *weight_table(), "",
+             f"## Measured: {a.steps} Adam steps of LearnGN (MIND, `hidden: 8`, class-weighted label MSE) on "
+             "Hippocampus training pairs (batch 2)", "",
+             "Relative change of each handcrafted head weight, `‖w − w₀‖ / ‖w₀‖`:", "", *measured(a.steps), ""]
+    write_page(RESULTS / "head_step_size.md", lines)
+
+
 def weight_table() -> list[str]:
+    """The table of the handcrafted 3D heads' weights and the relative size of Adam's first step."""
     heads = CompactHeads(3, 12, 4)
     lines = ["| weight | entries | non-zero | norm | max abs | " + " | ".join(f"first step, lr {lr:g}" for lr in LRS)
              + " |", "|---|---|---|---|---|" + "---|" * len(LRS)]
@@ -43,8 +63,8 @@ def weight_table() -> list[str]:
 
 
 def measured(steps: int) -> list[str]:
-    env = os.environ.get("L2O_SHARED_DATA")
-    data = (Path(env) if env else REPO.parent / "shared" / "data") / "Hippocampus" / "Hippocampus_dataset.json"
+    """The table of the measured relative changes of the head weights over ``steps`` Adam steps."""
+    data = dataset_json("Hippocampus")
     if not data.is_file():
         return [f"(skipped: {data} not found)"]
     dm = RegistrationDataModule(source=str(data), batch_size=2, max_pairs=64, cache_size=None)
@@ -70,25 +90,6 @@ def measured(steps: int) -> list[str]:
         lines += [f"| {lr:g} | `{k}` | " + " | ".join(f"{100 * c:.1f} %" for c in v) + " |"
                   for k, v in changes.items()]
     return lines
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    started = time.strftime("%Y-%m-%d %H:%M")
-    lines = ["# Adam's first steps against the handcrafted 3D heads", "",
-             f"Command: `python benchmarks/head_step_size.py --steps {a.steps} --threads {a.threads}` ({started}).",
-             "", "## The handcrafted 3D heads (MIND-SSC, 12 channels, stride 4) and Adam's first step", "",
-             "Adam's first update is `lr · sign(g)` on every weight with a gradient, so it changes a weight tensor "
-             "by `lr · sqrt(N) / ‖w‖` relative to its norm; the zeros (the cross-channel terms) all move.", "",
-             *weight_table(), "",
-             f"## Measured: {a.steps} Adam steps of LearnGN (MIND, `hidden: 8`, class-weighted label MSE) on "
-             "Hippocampus training pairs (batch 2)", "",
-             "Relative change of each handcrafted head weight, `‖w − w₀‖ / ‖w₀‖`:", "", *measured(a.steps), ""]
-    (REPO / "benchmarks" / "results" / "head_step_size.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: CPU 3D warps: channels-first vs channels-last memory layout, and one call vs slabs over threads.
 
-    python benchmarks/warp_layout.py [--threads 2] [--repeats 7]
+    python -m benchmarks.warp_layout [--threads 2] [--repeats 7]
 
 Times the project's warp (:func:`layers.grid.sample_displaced`, trilinear, border padding) forward and
 forward + backward with respect to the displacement, on 12-channel MIND-like features at the size of the
@@ -18,42 +18,24 @@ results in ``benchmarks/results/warp_layout.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from layers.diff import diffusion  # noqa: E402
-from layers.grid import channels_last, grid_sample, sample_displaced, slab_count, to_normalised  # noqa: E402
-from lightning_modules.baselines.instance_opt import FeatureMSE, smooth  # noqa: E402
-
-
-def _paired(fns, repeats: int) -> list[float]:
-    """Median seconds of each function, the functions run alternately (so drifts of a shared machine hit
-    both alike)."""
-    for fn in fns:
-        fn()  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for k, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+from benchmarks.common import RESULTS, load_average, paired_medians, torch_threads, write_page
+from layers.diff import diffusion
+from layers.grid import channels_last, grid_sample, sample_displaced, slab_count, to_normalised
+from lightning_modules.baselines.instance_opt import FeatureMSE, smooth
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Time the variants and write the page (and print it)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.warp_layout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "warp_layout.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "warp_layout.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -74,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 (sample_displaced(img, v) * weight).sum().backward()
 
             fns[layout] = (fwd, fwd_bwd)
-        t = _paired([fns["channels first"][0], fns["channels last"][0]], args.repeats)
-        t2 = _paired([fns["channels first"][1], fns["channels last"][1]], args.repeats)
+        t = paired_medians([fns["channels first"][0], fns["channels last"][0]], args.repeats)
+        t2 = paired_medians([fns["channels first"][1], fns["channels last"][1]], args.repeats)
         cf, cl = (t[0], t2[0]), (t[1], t2[1])
         rows.append(f"| warp 12×{'×'.join(map(str, shape))} | {cf[0] * 1e3:.0f} | {cl[0] * 1e3:.0f} | "
                     f"{cf[0] / cl[0]:.2f} | {cf[1] * 1e3:.0f} | {cl[1] * 1e3:.0f} | {cf[1] / cl[1]:.2f} |")
@@ -94,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             (12 * sim(v) + 1.25 * diffusion(v)).backward()
 
         steps.append(step)
-    cf, cl = _paired(steps, args.repeats)
+    cf, cl = paired_medians(steps, args.repeats)
 
     slab_rows = []
     shape = (80, 96, 112)
@@ -117,18 +99,17 @@ def main(argv: list[str] | None = None) -> int:
                 (grid_sample(img, gr, slabs=slabs) * weight).sum().backward()
 
             fns.append((fwd, fwd_bwd))
-        t = _paired([fns[0][0], fns[1][0]], args.repeats)
-        t2 = _paired([fns[0][1], fns[1][1]], args.repeats)
+        t = paired_medians([fns[0][0], fns[1][0]], args.repeats)
+        t2 = paired_medians([fns[0][1], fns[1][1]], args.repeats)
         slab_rows.append(f"| {channels}×{'×'.join(map(str, shape))} | {t[0] * 1e3:.0f} | {t[1] * 1e3:.0f} | "
                          f"{t[0] / t[1]:.2f} | {t2[0] * 1e3:.0f} | {t2[1] * 1e3:.0f} | {t2[0] / t2[1]:.2f} |")
 
-    load = os.getloadavg()
     text = [
         "# CPU 3D warps: channels-first vs channels-last features",
         "",
-        f"Command: `python benchmarks/warp_layout.py --threads {args.threads} --repeats {args.repeats}`; torch "
-        f"{torch.__version__}, {args.threads} threads, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "at the end. Medians in ms, the two layouts run alternately in one process.",
+        f"Command: `python -m benchmarks.warp_layout --threads {args.threads} --repeats {args.repeats}`; "
+        f"{torch_threads(args.threads)}, load average {load_average()} at the end. Medians in ms, the two layouts "
+        "run alternately in one process.",
         "",
         "| case | forward, first | forward, last | ratio | fwd + bwd, first | fwd + bwd, last | ratio |",
         "|---|---|---|---|---|---|---|",
@@ -147,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         *slab_rows,
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(text))
+    write_page(args.out, text)
     print("\n".join(text))  # a benchmark script's report, not library code
     return 0
 
