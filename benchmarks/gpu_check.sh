@@ -5,8 +5,8 @@
 #      (a bare GPU machine has PyTorch, CUDA, cupy and Lightning but not these; nothing can be downloaded there);
 #   2. the GPU tests: `pytest -m gpu` (cupy glue, solves, a LearnGN training step per backend against the CPU,
 #      train.py fit and eval.py on CUDA);
-#   3. the platform check: the tests that failed on a many-core GPU machine (test_hyper_schedule.py,
-#      test_hyper_hypernet.py) under `pytest -n 8` with 16 torch threads per test (needs pytest-xdist);
+#   3. the platform check: the whole default suite (GPU tests included) under `pytest -n 8` with 16 torch
+#      threads per test, on a many-core machine with CUDA visible (needs pytest-xdist, carried as a wheel);
 #   4. benchmarks/gn_layer.py on cuda with every backend (torch, graph, cupy), against the targets (forward ≤ 2 ms, forward+backward ≤ 4 ms at 56×48×56);
 #   5. eval.py on BrainPair (handcrafted GN on MIND, configs/baselines/gn_mind.yaml) on the GPU with the cupy
 #      and the torch backend, when the data is found;
@@ -36,8 +36,8 @@
 #   GPU_CHECK_MD      report path (default: benchmarks/results/gpu.md with CUDA, <scratch>/gpu.md without)
 #   GPU_CHECK_WORK    scratch folder for outputs and logs (default: a new temporary folder)
 #   GPU_CHECK_BUDGET  seconds for the whole check (default: 470)
-#   GPU_CHECK_STEPS   steps to run, a subset of "tests platform gn_layer eval train_step hippo_eval hippo_train"
-#                     (default: the first five)
+#   GPU_CHECK_STEPS   steps to run, in this order: a list from "tests platform gn_layer eval train_step
+#                     hippo_eval hippo_train" (default: the first five)
 #   GPU_TRAIN_VARIANTS  variants of step hippo_train (default "recipe:")
 
 set -u
@@ -50,7 +50,7 @@ STEPS=${GPU_CHECK_STEPS:-"tests platform gn_layer eval train_step"}
 TRAIN_VARIANTS=${GPU_TRAIN_VARIANTS:-"recipe:"}
 # the pure-Python packages a bare GPU image lacks (jsonargparse[signatures] = docstring-parser + typeshed-client;
 # typing-extensions, PyYAML, packaging and numpy are there); versions: the ones this project is developed with
-STAGE_PACKAGES="monai nibabel jsonargparse docstring-parser typeshed-client"
+STAGE_PACKAGES="monai nibabel jsonargparse docstring-parser typeshed-client pytest-xdist execnet"
 
 # ------------------------------------------------------------------------------------------------ staging
 if [ "${1:-}" = "--stage" ]; then
@@ -95,7 +95,6 @@ BODY=$WORK/body.md
 say() { echo "$*" | tee -a "$LOG"; }
 md() { printf '%s\n' "$@" >> "$BODY"; }
 remaining() { echo $((BUDGET - (SECONDS - START))); }
-wants() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # bounded() CAP CMD...: run CMD with a timeout of min(CAP, remaining budget - 5 s); output appended to $LOG and
 # kept in $WORK/last.out; returns the command's status (124 on timeout, 125 when no time is left)
 bounded() {
@@ -211,7 +210,7 @@ md "- device: $(echo "$DEVICE_INFO" | grep '^GPU' | sed 's/^GPU: //')" \
    "- still missing: ${missing:-nothing}" ""
 
 # ------------------------------------------------------------------------------------------------ 2. GPU tests
-if wants tests; then
+step_tests() {
     say "== GPU tests"
     md "## GPU tests (\`pytest -m gpu\`)" ""
     if [ "$HAVE_CUDA" = 0 ]; then
@@ -222,15 +221,14 @@ if wants tests; then
     md "- status: $(status_word $rc); result: \`$(pytest_summary)\`" ""
     tail_block 40
     md ""
-fi
+}
 
 # ------------------------------------------------------------------------------------------------ 3. platform
-if wants platform; then
-    say "== platform check (pytest -n 8, 16 threads per test)"
-    md "## Platform check (\`L2O_TEST_THREADS=16 pytest -n 8\`, schedule and hypernetwork tests)" ""
+step_platform() {
+    say "== platform check (the default suite, pytest -n 8, 16 threads per test)"
+    md "## Platform check (\`L2O_TEST_THREADS=16 pytest -n 8\`: the whole default suite, GPU tests included)" ""
     if "$PYTHON" -c "import xdist" 2>/dev/null; then
-        bounded 150 env L2O_TEST_THREADS=16 "$PYTHON" -m pytest -q -n 8 -p no:cacheprovider \
-            tests/lightning_modules/test_hyper_schedule.py tests/lightning_modules/test_hyper_hypernet.py
+        bounded 200 env L2O_TEST_THREADS=16 "$PYTHON" -m pytest -q -n 8 -p no:cacheprovider -rfE tests
         rc=$?
         md "- status: $(status_word $rc); result: \`$(pytest_summary)\`" ""
         [ "$rc" = 0 ] || tail_block 40
@@ -238,10 +236,10 @@ if wants platform; then
         md "- SKIPPED: pytest-xdist is not installed" ""
     fi
     md ""
-fi
+}
 
 # ------------------------------------------------------------------------------------------------ 4. GN layer
-if wants gn_layer; then
+step_gn_layer() {
     say "== GN layer benchmark"
     md "## GN solve (\`benchmarks/gn_layer.py --device cuda\`, every backend)" ""
     if [ "$HAVE_CUDA" = 0 ]; then
@@ -287,10 +285,10 @@ EOF
         fi
         md ""
     fi
-fi
+}
 
 # ------------------------------------------------------------------------------------------------ 5. BrainPair
-if wants eval; then
+step_eval() {
     say "== eval.py on BrainPair"
     md "## eval.py on BrainPair (handcrafted GN, \`configs/baselines/gn_mind.yaml\`, both directions)" ""
     DATA=${L2O_SHARED_DATA:-}
@@ -342,10 +340,10 @@ EOF
             fi
         done
     fi
-fi
+}
 
 # ------------------------------------------------------------------------------------------------ 6. training step
-if wants train_step; then
+step_train_step() {
     if [ -f benchmarks/train_step.py ]; then
         say "== training-step benchmark"
         md "## Training step (\`benchmarks/train_step.py --device cuda\`)" ""
@@ -363,7 +361,7 @@ if wants train_step; then
             md ""
         fi
     fi
-fi
+}
 
 # ------------------------------------------------------------------------------------------------ 7-8. Hippocampus
 HDATA=${L2O_SHARED_DATA:-}
@@ -388,7 +386,7 @@ print(f"{s['n_pairs']} | {s['n_failed']} | {f('dice', '.4f')} | {f('sdlogj', '.3
       f"{f('seconds', '.3f')}")
 EOF
 }
-if wants hippo_eval; then
+step_hippo_eval() {
     say "== eval.py on the Hippocampus val pairs"
     md "## eval.py on the 20 Hippocampus val pairs (GPU)" ""
     if [ "$HAVE_CUDA" = 0 ]; then
@@ -416,8 +414,8 @@ if wants hippo_eval; then
         done
         md ""
     fi
-fi
-if wants hippo_train; then
+}
+step_hippo_train() {
     say "== train.py fit -c configs/hippocampus3d.yaml on the GPU"
     md "## Training the Hippocampus recipe on the GPU (\`train.py fit -c configs/hippocampus3d.yaml\`)" ""
     if [ "$HAVE_CUDA" = 0 ]; then
@@ -456,7 +454,18 @@ EOF
         done
         md ""
     fi
-fi
+}
+
+# ------------------------------------------------------------------------------------------------ run the steps
+# in the order of GPU_CHECK_STEPS (put the most important first: each is bounded by what is left)
+for step in $STEPS; do
+    if declare -F "step_$step" > /dev/null; then
+        "step_$step"
+    else
+        say "unknown step: $step"
+        md "- unknown step \`$step\` (known: tests platform gn_layer eval train_step hippo_eval hippo_train)" ""
+    fi
+done
 
 # ------------------------------------------------------------------------------------------------ report
 ELAPSED=$((SECONDS - START))
