@@ -233,7 +233,11 @@ step_platform() {
         md "- status: $(status_word $rc); result: \`$(pytest_summary)\`" ""
         [ "$rc" = 0 ] || tail_block 40
     else
-        md "- SKIPPED: pytest-xdist is not installed" ""
+        md "- pytest-xdist is not installed: the GPU tests alone, in one process (\`pytest -m gpu\`)" ""
+        bounded 200 env L2O_TEST_THREADS=16 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -rfEs tests
+        rc=$?
+        md "- status: $(status_word $rc); result: \`$(pytest_summary)\`" ""
+        [ "$rc" = 0 ] || tail_block 40
     fi
     md ""
 }
