@@ -39,23 +39,28 @@ and configurations that would start after ``--budget`` seconds are skipped (repo
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
-import platform
-import shlex
-import statistics
-import sys
-import time
-import traceback
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
-import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+# OpenMP's default spin-waiting makes CPU timings erratic on a shared, oversubscribed machine (as in
+# benchmarks/gn_layer.py): passive waiting is set before torch loads OpenMP, unless the caller chose a policy
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -89,7 +94,7 @@ def train_step_benchmark(
                 try:
                     row.update(measure(make_model(h, v, ids, device), batch, device, repeats))
                 except Exception as exc:  # noqa: BLE001 - one failing configuration must not end the run
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    row["error"] = describe(exc)
                     traceback.print_exc()
                 finally:
                     if device.type == "cuda":
@@ -186,8 +191,12 @@ def measure(model: LearnGN, batch: dict[str, Any], device: torch.device, repeats
         row["peak_step_gib"] = (torch.cuda.max_memory_allocated() - before) / GIB
     model.zero_grad(set_to_none=True)
     row["infer_s"] = median_seconds(infer, repeats, sync)  # warmed up by the training steps
-    row["saved"] = saved_bytes_by_stage(model, batch)
-    row["stages"], row["backward_top"] = stage_profile(model, batch, device, step)
+    try:  # the timings above are kept when an instrumented pass fails
+        row["saved"] = saved_bytes_by_stage(model, batch)
+        row["stages"], row["backward_top"] = stage_profile(model, batch, device)
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"profile: {describe(exc)}"
+        traceback.print_exc()
     return row
 
 
@@ -275,7 +284,7 @@ def saved_bytes_by_stage(model: LearnGN, batch: dict[str, Any]) -> dict[str, flo
     return dict(totals)
 
 
-def stage_profile(model: LearnGN, batch: dict[str, Any], device: torch.device, step: Callable[[], float]
+def stage_profile(model: LearnGN, batch: dict[str, Any], device: torch.device
                   ) -> tuple[dict[str, dict[str, float]], list[tuple[str, float, int]]]:
     """Per stage: ms (CUDA kernel time on CUDA, CPU time otherwise), calls and MiB allocated and kept; and the
     eight backward functions with the most time ``(name, ms, calls)``."""
@@ -337,7 +346,8 @@ def report_header(device: torch.device, size: tuple[int, int, int], source: str,
                   command: str) -> list[str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f})")
+        f"{os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')})")
     return [
         "# LearnGN 3D training step: time, memory and where they go",
         "",
@@ -388,6 +398,12 @@ def render(header: list[str], rows: list[dict[str, Any]]) -> str:
         lines += ["", "Backward functions with the most time: "
                   + ", ".join(f"{n} {t:.1f} ms ({c}×)" for n, t, c in r["backward_top"]), ""]
     return "\n".join(lines)
+
+
+def describe(exc: BaseException) -> str:
+    """``"Type: first line of the message"`` (at most 200 characters of it)."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -25,10 +25,12 @@ with no stride-2 intermediate and, at ``s = 4``, ``6^n`` multiply-adds per outpu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .grid import pool_to_grid, spatial_dims
 
@@ -79,10 +81,17 @@ def linear_extrapolation_pad(x: torch.Tensor) -> torch.Tensor:
     """Pad ``(B, C, *S)`` by one voxel on each side of each axis with ``2 x[0] - x[1]`` (and mirrored).
 
     The axes are extrapolated one after the other (the faces of axis ``a`` span the padding of the axes before
-    it), written into one padded tensor instead of concatenating a copy per axis.
+    it), written into one padded tensor instead of concatenating a copy per axis. The backward pass is the
+    adjoint of those writes applied to one copy of the incoming gradient (autograd's own backward of the
+    in-place face writes would allocate a zero-filled full-size tensor per face read, twelve per call in 3D).
     """
-    n = spatial_dims(x)
-    out = F.pad(x, (1, 1) * n)
+    return _LinearExtrapolationPad.apply(x)
+
+
+def _face_writes(x: torch.Tensor) -> Iterator[tuple[tuple, tuple, tuple]]:
+    """The face writes of :func:`linear_extrapolation_pad` on the padded tensor ``x`` in order, as index
+    tuples ``(target, a, b)`` of ``x[target] = 2 x[a] - x[b]``."""
+    n = x.dim() - 2
     for a in range(2, 2 + n):
         region = [slice(None)] * 2 + [slice(None) if b < a else slice(1, -1) for b in range(2, 2 + n)]
 
@@ -91,10 +100,30 @@ def linear_extrapolation_pad(x: torch.Tensor) -> torch.Tensor:
             sel[a] = slice(i, i + 1)
             return tuple(sel)
 
-        last = out.shape[a] - 1
-        out[face(0)] = 2 * out[face(1)] - out[face(2)]
-        out[face(last)] = 2 * out[face(last - 1)] - out[face(last - 2)]
-    return out
+        last = x.shape[a] - 1
+        yield face(0), face(1), face(2)
+        yield face(last), face(last - 1), face(last - 2)
+
+
+class _LinearExtrapolationPad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = spatial_dims(x)
+        out = F.pad(x, (1, 1) * n)
+        for target, a, b in _face_writes(out):
+            out[target] = 2 * out[a] - out[b]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        for target, a, b in reversed(list(_face_writes(grad))):  # the adjoint of each write, in reverse order
+            g = grad[target].clone()
+            grad[target] = 0
+            grad[a] += 2 * g
+            grad[b] -= g
+        return grad[(slice(None), slice(None)) + (slice(1, -1),) * (grad.dim() - 2)]
 
 
 def _check_stride(stride: int) -> int:

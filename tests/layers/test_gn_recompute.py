@@ -1,6 +1,7 @@
 """The training-memory and speed options of the GN layer: GNRegistration(recompute=True) gives the same values
 and gradients as storing everything and saves fewer bytes for backward (docs/design.md §3); CompactHeads(fused=True)
-gives the same operator and gradients up to rounding (docs/design.md §4)."""
+gives the same operator and gradients up to rounding (docs/design.md §4); linear_extrapolation_pad's hand-written
+backward equals autograd's through its face writes."""
 
 import pytest
 import torch
@@ -139,3 +140,24 @@ def test_fused_heads_in_gn_give_the_same_field_and_gradients():
     torch.testing.assert_close(disp, disp_ref, rtol=0, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10 * max(1.0, float(g_ref.abs().max())))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 4, 5, 6), (1, 1, 2, 3, 2), (1, 2, 1, 4)])
+def test_the_padding_backward_is_the_adjoint_of_its_writes(shape):
+    # linear_extrapolation_pad's hand-written backward against autograd through the same in-place face writes
+    from layers.heads import _face_writes
+
+    def by_autograd(x):
+        out = F.pad(x, (1, 1) * (x.dim() - 2))
+        for target, a, b in _face_writes(out):
+            out[target] = 2 * out[a] - out[b]
+        return out
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    padded = linear_extrapolation_pad(x)
+    w = torch.randn_like(padded)
+    assert torch.equal(padded, by_autograd(x))
+    (grad,) = torch.autograd.grad((w * padded).sum(), x)
+    (ref,) = torch.autograd.grad((w * by_autograd(x)).sum(), x)
+    torch.testing.assert_close(grad, ref, rtol=0, atol=1e-13)
+    assert torch.autograd.gradcheck(linear_extrapolation_pad, (x,))
