@@ -29,7 +29,7 @@ LNCC_RECIPE, LOGJ_RECIPE = recipe("convexadam_lncc"), recipe("convexadam_logj")
 #: (label, method, settings): less regularisation, finer grids, other MIND settings
 PROBES: list[tuple[str, str, dict[str, Any]]] = [
     ("ConvexAdam (defaults)", "convexadam", {}),
-    ("ConvexAdam, λ 0.5", "convexadam", {"lam": 0.5}),
+    ("ConvexAdam, λ 0.5", "convexadam", {"diffusion_weight": 0.5}),
     ("ConvexAdam, 40 it, MIND dilation 1", "convexadam", {"iterations": 40, "mind_dilation": 1}),
     ("ConvexAdam, 40 it, MIND radius 2", "convexadam", {"iterations": 40, "mind_radius": 2}),
     ("ConvexAdam, 40 it, 2 smoothing passes", "convexadam", {"iterations": 40, "smooth_passes": 2}),
@@ -41,7 +41,8 @@ PROBES: list[tuple[str, str, dict[str, Any]]] = [
     ("ConvexAdam, 40 it, LNCC r 3 only", "convexadam",
      {"iterations": 40, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3}),
     ("ConvexAdam, 40 it, LNCC r 3 only, stride-4 grid, λ 0.5", "convexadam",
-     {"iterations": 40, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4, "lam": 0.5}),
+     {"iterations": 40, "weight": 0.0, "lncc_weight": 1.0, "lncc_radius": 3, "adam_stride": 4,
+      "diffusion_weight": 0.5}),
     ("ConvexAdam, LNCC r 3, stride-4 SVF (5 squarings), λ 0.2, 60 it (convexadam_lncc.yaml)", "convexadam",
      LNCC_RECIPE),
     # a log-Jacobian volume-change term (layers.diff.log_jacobian_energy) instead of more diffusion: the trade-off
@@ -54,7 +55,7 @@ PROBES: list[tuple[str, str, dict[str, Any]]] = [
     ("same, LNCC r 5, μ 0.35 (convexadam_logj.yaml)", "convexadam", LOGJ_RECIPE),
     ("same, LNCC r 5, no log-J term (λ 0.2)", "convexadam", {**LOGJ_RECIPE, "logj_weight": 0.0}),
     ("same, LNCC r 5, no log-J term, λ 1 (smoother by diffusion only)", "convexadam",
-     {**LOGJ_RECIPE, "logj_weight": 0.0, "lam": 1.0}),
+     {**LOGJ_RECIPE, "logj_weight": 0.0, "diffusion_weight": 1.0}),
     ("same, LNCC r 5, μ 0.35, 5 squarings", "convexadam", {**LOGJ_RECIPE, "velocity_steps": 5}),
 ]
 

@@ -54,7 +54,7 @@ METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("AdamIO constant (100 it)", "adam", {"preset": "constant"}),
     ("ConvexAdam", "convexadam", {}),
     ("ConvexAdam, 40 Adam iterations", "convexadam", {"iterations": 40}),
-    ("ConvexAdam, λ 2.5, 60 Adam iterations (smoother)", "convexadam", {"lam": 2.5, "iterations": 60}),
+    ("ConvexAdam, λ 2.5, 60 Adam iterations (smoother)", "convexadam", {"diffusion_weight": 2.5, "iterations": 60}),
     ("ConvexAdam + diffeomorphic LNCC Adam stage (r 3 at ½ res, stride-4 SVF, λ 0.2, 60 it; convexadam_lncc.yaml)",
      "convexadam", recipe("convexadam_lncc")),
     ("ConvexAdam + diffeomorphic LNCC Adam stage with log-Jacobian term (r 5 at ½ res, ½-res SVF, μ 0.35, λ 0.2, "

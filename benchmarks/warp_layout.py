@@ -6,7 +6,7 @@ Times the project's warp (:func:`layers.grid.sample_displaced`, trilinear, borde
 forward + backward with respect to the displacement, on 12-channel MIND-like features at the size of the
 Adam stage of ConvexAdam / AdamIO on BrainPair (half resolution, 80×96×112) and at the 64³ synthetic size,
 with the moving features as given (channels first) and after :func:`layers.grid.channels_last`. Also one
-whole step of the Adam instance-optimisation loop (:class:`lightning_modules.baselines.instance_opt.FeatureMSE`
+whole step of the Adam instance-optimisation loop (:class:`layers.optim.objective.FeatureMSE`
 with three smoothing passes and the diffusion term), which stores the moving features channels-last.
 Then :func:`layers.grid.grid_sample` on one volume in one call (``slabs=1``, PyTorch's CPU kernel then uses one
 thread) against the automatic split into slabs over the threads (:func:`layers.grid.slab_count`), for a
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from benchmarks.common import RESULTS, load_average, paired_medians, torch_threads, write_page
 from layers.diff import diffusion
 from layers.grid import channels_last, grid_sample, sample_displaced, slab_count, to_normalised
-from lightning_modules.baselines.instance_opt import FeatureMSE, smooth
+from layers.optim import FeatureMSE, smooth
 
 
 def main(argv: list[str] | None = None) -> int:

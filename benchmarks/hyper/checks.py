@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from benchmarks.hyper.shared import batches, evaluate_adam, make_data
-from lightning_modules.baselines.schedules import PiecewiseLR, ValuesLR, schedule_values
+from layers.optim import PiecewiseLR, ValuesLR, schedule_values
 
 
 def hypergrad_check() -> dict[str, Any]:
@@ -81,7 +81,7 @@ def first_step_check(steps: int = 10, pairs: int = 64) -> list[tuple[float, floa
     """Final TRE (mm, ``pairs`` training pairs) of the piecewise schedule compressed to ``steps`` with only its
     first learning rate ``η_0`` replaced: Adam's first update is ``η_0 · sign(g)``, and the error is a sharp
     function of ``η_0`` (15 = one coarse voxel)."""
-    from lightning_modules.baselines.schedules import PRESETS
+    from layers.optim import PRESETS
 
     unit = PRESETS["piecewise"].step_unit
     dm = make_data(num_train=pairs, num_val=1, num_test=1)

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from benchmarks.hyper.shared import INVOCATION, batches, best_constant, evaluate_adam, make_data, write_json
-from lightning_modules.baselines.schedules import ValuesLR
+from layers.optim import ValuesLR
 
 
 def bench_linesearch(args: argparse.Namespace) -> dict:
@@ -23,7 +23,7 @@ def line_search(steps: int = 10, pairs: int = 32, magnitude: float = 0.15) -> di
     """The exact meta-gradient at the best training constant, and the final TRE on the same training pairs
     along the normalised descent direction ``log η − ε ∇/|∇|`` (through the real AdamIO loop): whether the
     gradient is useful and how far."""
-    from lightning_modules.baselines.schedules import PRESETS
+    from layers.optim import PRESETS
     from lightning_modules.hyper.schedule import ScheduleMetaLearner
 
     unit = PRESETS["piecewise"].step_unit

@@ -24,12 +24,12 @@ from benchmarks.hyper.shared import (
     trainer,
     write_json,
 )
-from lightning_modules.baselines.schedules import PiecewiseLR, ValuesLR, schedule_values
+from layers.optim import PiecewiseLR, ValuesLR, schedule_values
 
 
 def bench_schedule(args: argparse.Namespace) -> dict:
     """Meta-train the schedule network from its baseline, export it, evaluate it against the references."""
-    from lightning_modules.baselines.schedules import PRESETS
+    from layers.optim import PRESETS
     from lightning_modules.hyper.schedule import ScheduleMetaLearner, adam_settings, save_schedule
 
     steps = args.steps or (60 if args.quick else 270)

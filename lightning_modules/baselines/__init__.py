@@ -9,7 +9,8 @@ name            class
 ``convexadam``  :class:`ConvexAdam` — coupled convex discrete optimisation + Adam fine-tuning
 ==============  =====================================================================================
 
-All are :class:`~lightning_modules.base.RegistrationModule` subclasses with ``evaluation_only = True``
+The Adam instance optimisation itself (objective, steppers, schedules) is :mod:`layers.optim`. All are
+:class:`~lightning_modules.base.RegistrationModule` subclasses with ``evaluation_only = True``
 (``Trainer.fit`` stops at once with :class:`~lightning_modules.base.EvaluationOnlyError`).
 """
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from layers.optim import PRESETS, make_schedule, piecewise_lr
+
 from ..base import RegistrationModule
 from .adam import AdamIO
+from .common import check_pair, renamed_options
 from .convex import ConvexAdam
 from .gn import HandcraftedGN
 from .identity import Identity
-from .schedules import PRESETS, make_schedule, piecewise_lr
 
 __all__ = [
     "BASELINES",
@@ -31,9 +34,11 @@ __all__ = [
     "ConvexAdam",
     "HandcraftedGN",
     "Identity",
+    "check_pair",
     "make_baseline",
     "make_schedule",
     "piecewise_lr",
+    "renamed_options",
 ]
 
 #: Baselines by the name ``eval.py --method`` uses.

@@ -10,11 +10,10 @@ from typing import Any
 import torch
 
 from layers.features import mind_ssc
+from layers.optim import Schedule, make_schedule, refine_field, resolve_preset
 
 from ..masks import batch_masks
-from .common import BaselineModule, check_number, check_pair
-from .instance_opt import refine_field
-from .schedules import Schedule, make_schedule, resolve_preset
+from .common import BaselineModule, check_number, check_pair, renamed_options
 
 log = logging.getLogger(__name__)
 
@@ -28,52 +27,54 @@ class AdamIO(BaselineModule):
 
     MIND-SSC (``r = mind_radius``, ``d = mind_dilation``) of both images, averaged over ``stride^n`` blocks;
     the field on that grid starts at zero or at a given field and is optimised by Adam on
-    ``weight · MSE(MIND) + λ · diffusion`` with ``smooth_passes`` ``3^n`` average pools (replicate padding) of
-    the increment per step (:mod:`lightning_modules.baselines.instance_opt` states the units). The result is
+    ``weight · MSE(MIND) + λ · diffusion`` (λ = ``diffusion_weight``) with ``smooth_passes`` ``3^n`` average pools
+    (replicate padding) of the increment per step (:mod:`layers.optim.objective` states the units). The result is
     upsampled linearly to full resolution.
 
     Args:
         preset: ``"piecewise"`` (270 iterations of
-            :func:`~lightning_modules.baselines.schedules.piecewise_lr`: 15 held to step 70, cosine, then
+            :func:`~layers.optim.schedules.piecewise_lr`: 15 held to step 70, cosine, then
             linear to 0.5) or ``"constant"`` (learning rate 1, 100 iterations).
         lr: a constant learning rate replacing the preset's schedule (None: the preset's).
         iterations: number of Adam steps replacing the preset's (None: the preset's).
         schedule: a schedule replacing the preset's and ``lr``: a preset name, a list of per-step values or a
             callable ``step -> lr`` (e.g. a learned schedule). Learning rates are read in ``step_unit``.
-        lam: diffusion weight λ (1.25).
+        diffusion_weight: weight λ of the diffusion term of the field in optimisation-grid voxels (1.25;
+            formerly ``lam``, which is refused with a message naming this option).
         stride: optimisation grid stride (2: half resolution).
         smooth_passes: ``3^n`` average pools per step (2).
         weight: weight of the MIND MSE (12).
         step_unit: optimisation-grid voxels per unit of the Adam parameter, i.e. the unit in which all
             learning rates are read (None: the preset's, also when ``lr`` or ``schedule`` replace its
             schedule; ``constant``: 1 voxel, the published ConvexAdam unit; ``piecewise``: 1/15 voxel, see
-            :data:`~lightning_modules.baselines.schedules.PRESETS`).
+            :data:`~layers.optim.schedules.PRESETS`).
         mind_radius, mind_dilation: MIND-SSC ``r`` and ``d`` (1, 2).
         init: optional callable ``batch -> (B, n, *S)`` giving the initial full-resolution field (voxel
             units); a batch key ``"init_disp"`` takes precedence.
         logj_weight: weight of a log-Jacobian volume-change term (:func:`layers.diff.log_jacobian_energy` of
             the field on the optimisation grid; 0: none, the published recipe).
         use_masks: restrict the MIND MSE to the batch's ``fixed_mask`` / ``moving_mask`` when present
-            (:mod:`lightning_modules.baselines.instance_opt`). Off by default; ``eval.py`` turns it on when mask
+            (:mod:`layers.optim.objective`). Off by default; ``eval.py`` turns it on when mask
             files are given.
 
     Raises:
         ValueError: an unknown preset, a bad schedule, or a numeric option out of range (named in the message:
-            ``iterations >= 0`` (0: the initial field is returned), ``lam, weight, logj_weight >= 0`` (λ 0: no
-            diffusion term), ``stride, mind_dilation >= 1``, ``smooth_passes, mind_radius >= 0``,
+            ``iterations >= 0`` (0: the initial field is returned), ``diffusion_weight, weight, logj_weight >= 0``
+            (λ 0: no diffusion term), ``stride, mind_dilation >= 1``, ``smooth_passes, mind_radius >= 0``,
             ``step_unit > 0``).
     """
 
     evaluation_only = True
     method_name = "adam"
 
+    @renamed_options(lam="diffusion_weight")
     def __init__(
         self,
         preset: str = "piecewise",
         lr: float | None = None,
         iterations: int | None = None,
         schedule: str | Sequence[float] | Schedule | None = None,
-        lam: float = 1.25,
+        diffusion_weight: float = 1.25,
         stride: int = 2,
         smooth_passes: int = 2,
         weight: float = 12.0,
@@ -98,7 +99,8 @@ class AdamIO(BaselineModule):
                                        low=0, integer=True)
         self.step_unit = check_number("step_unit", chosen.step_unit if step_unit is None else step_unit, low=0,
                                       strict=True)
-        self.preset, self.lam = preset, check_number("lam", lam, low=0)
+        self.preset = preset
+        self.diffusion_weight = check_number("diffusion_weight", diffusion_weight, low=0)
         self.stride = check_number("stride", stride, low=1, integer=True)
         self.smooth_passes = check_number("smooth_passes", smooth_passes, low=0, integer=True)
         self.weight = check_number("weight", weight, low=0)
@@ -140,7 +142,7 @@ class AdamIO(BaselineModule):
             fixed_feat, moving_feat, fixed_feat.shape[2:], self.stride, init=init,
             iterations=self.iterations if iterations is None else int(iterations),
             schedule=self.schedule if schedule is None else schedule,
-            lam=self.lam, weight=self.weight, step_unit=self.step_unit,
+            diffusion_weight=self.diffusion_weight, weight=self.weight, step_unit=self.step_unit,
             smooth_passes=self.smooth_passes if smooth_passes is None else int(smooth_passes),
             logj_weight=self.logj_weight, fixed_mask=fixed_mask, moving_mask=moving_mask,
         )

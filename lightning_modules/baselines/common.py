@@ -1,7 +1,9 @@
-"""Input checks and autograd helpers shared by the evaluation-only baselines."""
+"""Input checks shared by the evaluation-only baselines (and the learned Adam schedule): the batch pair and renamed
+options."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +11,7 @@ import torch
 
 from ..base import RegistrationModule, check_number, check_numbers
 
-__all__ = ["BaselineModule", "check_number", "check_numbers", "check_pair", "grad_ready"]
+__all__ = ["BaselineModule", "check_number", "check_numbers", "check_pair", "renamed_options"]
 
 
 class BaselineModule(RegistrationModule):
@@ -70,10 +72,20 @@ def check_pair(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return fixed, moving
 
 
-def grad_ready(x: torch.Tensor) -> torch.Tensor:
-    """A tensor that autograd may save: a clone of an inference-mode tensor, else ``x`` itself.
+def renamed_options(**renames: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorate an ``__init__`` so that an option passed under an old name (``old=new`` in ``renames``) raises
+    ``ValueError`` naming the new one, instead of a bare ``TypeError``. The signature seen by
+    :func:`inspect.signature` (configs, ``eval.py --method-arg``) stays the wrapped one."""
 
-    Lightning runs validate/test/predict under :func:`torch.inference_mode`; tensors created there cannot take
-    part in autograd even inside ``torch.inference_mode(False)`` unless they are cloned first.
-    """
-    return x.clone() if x.is_inference() else x
+    def decorate(init: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(init)
+        def wrapper(self, *args: Any, **kwargs: Any) -> None:
+            old = sorted(k for k in kwargs if k in renames)
+            if old:
+                raise ValueError(f"{type(self).__name__}: option {old[0]!r} was renamed {renames[old[0]]!r}; "
+                                 f"pass {renames[old[0]]}=... instead")
+            init(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate

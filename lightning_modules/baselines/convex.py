@@ -23,12 +23,11 @@ import torch.nn.functional as F
 
 from layers.features import box_filter, mind_ssc
 from layers.grid import pool_to_grid, spatial_dims, upsample_field
+from layers.optim import ImageLNCC, make_schedule, refine_field
 from layers.warp import warp_image
 
 from ..masks import batch_masks
-from .common import BaselineModule, check_number, check_numbers, check_pair
-from .instance_opt import ImageLNCC, refine_field
-from .schedules import make_schedule
+from .common import BaselineModule, check_number, check_numbers, check_pair, renamed_options
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +168,15 @@ class ConvexAdam(BaselineModule):
     box-filtered twice; coupled convex optimisation (``u₀`` = hard argmin smoothed by a ``3^n`` average pool,
     then the θ sequence); optionally inverse consistency with the backward field (``ic_iterations``
     iterations); conversion to full-resolution voxels and linear upsampling; then the Adam loop of
-    :mod:`lightning_modules.baselines.instance_opt` at stride ``adam_stride`` started from that field
-    (``smooth_passes`` pools, ``12·MSE(MIND) + λ·diffusion``, ``iterations`` steps at learning rate ``lr``).
+    :mod:`layers.optim` at stride ``adam_stride`` started from that field (``smooth_passes`` pools,
+    ``12·MSE(MIND) + λ·diffusion``, λ = ``diffusion_weight``, ``iterations`` steps at learning rate ``lr``).
 
     Options beyond the published method: ``lncc_weight > 0`` adds ``lncc_weight · (1 − mean LNCC)``
-    of the raw intensities (:class:`~lightning_modules.baselines.instance_opt.ImageLNCC`: images averaged over
+    of the raw intensities (:class:`~layers.optim.objective.ImageLNCC`: images averaged over
     ``lncc_stride^n`` blocks, window ``(2·lncc_radius+1)^n``) to the Adam loss, and ``weight = 0`` drops the MIND
     term; ``velocity_steps > 0`` makes the Adam stage diffeomorphic (stationary velocity increment integrated by
     scaling and squaring and composed with the convex field, see
-    :func:`~lightning_modules.baselines.instance_opt.adam_optimise`); ``logj_weight > 0`` adds the log-Jacobian
+    :class:`~layers.optim.objective.InstanceObjective`); ``logj_weight > 0`` adds the log-Jacobian
     volume-change term (:func:`layers.diff.log_jacobian_energy`), which gives a smaller spread of log J than a
     larger λ at the same Dice. On BrainPair (both directions, ``benchmarks/results/baselines.md``, 2 CPU
     threads):
@@ -203,7 +202,8 @@ class ConvexAdam(BaselineModule):
         inverse_consistency: also solve moving→fixed and make the two fields inverse consistent (True).
         ic_iterations: iterations of the inverse-consistency fixed point (15).
         thetas: coupling weights (0.003, 0.01, 0.03, 0.1, 0.3, 1).
-        lam: diffusion weight of the Adam stage (1.25); 0 iterations skips the stage.
+        diffusion_weight: diffusion weight λ of the Adam stage (1.25; formerly ``lam``, which is refused with a
+            message naming this option); 0 iterations skips the stage.
         iterations: Adam steps (80).
         lr: Adam learning rate (1), or a list of per-step values.
         adam_stride: grid stride of the Adam stage (2: half resolution).
@@ -217,21 +217,22 @@ class ConvexAdam(BaselineModule):
         logj_weight: weight of the log-Jacobian volume-change term of the Adam stage
             (:func:`layers.diff.log_jacobian_energy` on its grid; 0: none, published).
         use_masks: restrict the similarity terms of the Adam stage (MIND MSE and LNCC) to the batch's
-            ``fixed_mask`` / ``moving_mask`` when present (:mod:`lightning_modules.baselines.instance_opt`); the
+            ``fixed_mask`` / ``moving_mask`` when present (:mod:`layers.optim.objective`); the
             discrete convex stage is not masked (a node without data would have no preferred shift). Off by
             default; ``eval.py`` turns it on when mask files are given.
 
     Raises:
         ValueError: at construction, a numeric option out of range (named in the message: ``grid_sp,
             adam_stride, mind_dilation, lncc_radius, lncc_stride >= 1``; ``disp_hw, ic_iterations, iterations,
-            smooth_passes, mind_radius, velocity_steps >= 0``; ``lam, lr, weight, thetas, lncc_weight,
-            logj_weight >= 0``, λ 0 meaning no diffusion term) or ``lncc_stride`` not dividing ``adam_stride``;
-            at registration, when ``2 disp_hw + 1`` exceeds the coarse grid along some axis.
+            smooth_passes, mind_radius, velocity_steps >= 0``; ``diffusion_weight, lr, weight, thetas,
+            lncc_weight, logj_weight >= 0``, λ 0 meaning no diffusion term) or ``lncc_stride`` not dividing
+            ``adam_stride``; at registration, when ``2 disp_hw + 1`` exceeds the coarse grid along some axis.
     """
 
     evaluation_only = True
     method_name = "convexadam"
 
+    @renamed_options(lam="diffusion_weight")
     def __init__(
         self,
         grid_sp: int = 6,
@@ -239,7 +240,7 @@ class ConvexAdam(BaselineModule):
         inverse_consistency: bool = True,
         ic_iterations: int = 15,
         thetas: Sequence[float] = THETAS,
-        lam: float = 1.25,
+        diffusion_weight: float = 1.25,
         iterations: int = 80,
         lr: float | Sequence[float] = 1.0,
         adam_stride: int = 2,
@@ -262,7 +263,8 @@ class ConvexAdam(BaselineModule):
         self.use_ic = bool(inverse_consistency)
         self.ic_iterations = num("ic_iterations", ic_iterations, low=0, integer=True)
         self.thetas = tuple(check_numbers("thetas", thetas, low=0)) if len(thetas) else ()
-        self.lam, self.iterations = num("lam", lam, low=0), num("iterations", iterations, low=0, integer=True)
+        self.diffusion_weight = num("diffusion_weight", diffusion_weight, low=0)
+        self.iterations = num("iterations", iterations, low=0, integer=True)
         self.schedule = make_schedule(num("lr", lr, low=0) if isinstance(lr, (int, float)) else lr)
         self.adam_stride = num("adam_stride", adam_stride, low=1, integer=True)
         self.smooth_passes = num("smooth_passes", smooth_passes, low=0, integer=True)
@@ -313,7 +315,7 @@ class ConvexAdam(BaselineModule):
                               weight=self.lncc_weight, fixed_mask=fixed_mask, moving_mask=moving_mask)
         return refine_field(
             fixed_feat, moving_feat, fixed.shape[2:], self.adam_stride, init=init,
-            iterations=self.iterations, schedule=self.schedule, lam=self.lam, weight=self.weight,
-            smooth_passes=self.smooth_passes, extra=extra, velocity_steps=self.velocity_steps,
+            iterations=self.iterations, schedule=self.schedule, diffusion_weight=self.diffusion_weight,
+            weight=self.weight, smooth_passes=self.smooth_passes, extra=extra, velocity_steps=self.velocity_steps,
             logj_weight=self.logj_weight, fixed_mask=fixed_mask, moving_mask=moving_mask,
         )

@@ -5,7 +5,8 @@
 * :class:`HyperLearnGN` — heads conditioned on ``log λ`` (FiLM), amortised over a range; :func:`select_lambda`
   / :func:`resolve_lambda` choose λ at test time (``eval.py --lam <value|auto>``);
 * :class:`ScheduleMetaLearner` — a learned learning-rate schedule for Adam instance optimisation, meta-trained
-  through a differentiable Adam; :func:`load_schedule` gives what ``AdamIO(schedule=...)`` takes.
+  through the differentiable Adam of :mod:`layers.optim`; :func:`load_schedule` gives what
+  ``AdamIO(schedule=...)`` takes.
 """
 
 from .bilevel import BilevelLearnGN
@@ -14,31 +15,20 @@ from .hypernet import (
     LambdaSelection,
     apply_lambda,
     current_lambda,
-    load_hyper_model,
     resolve_lambda,
     select_lambda,
 )
 from .objectives import negative_jacobian_penalty, outer_loss
-from .schedule import (
-    FourierSchedule,
-    ScheduleMetaLearner,
-    adam_settings,
-    differentiable_adam,
-    load_schedule,
-    save_schedule,
-)
+from .schedule import ScheduleMetaLearner, adam_settings, load_schedule, save_schedule
 
 __all__ = [
     "BilevelLearnGN",
-    "FourierSchedule",
     "HyperLearnGN",
     "LambdaSelection",
     "ScheduleMetaLearner",
     "adam_settings",
     "apply_lambda",
     "current_lambda",
-    "differentiable_adam",
-    "load_hyper_model",
     "load_schedule",
     "negative_jacobian_penalty",
     "outer_loss",

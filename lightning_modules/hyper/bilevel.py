@@ -1,7 +1,7 @@
 """Bilevel learning of the GN regularisation weight λ for LearnGN (docs/design.md §5).
 
 ``log λ`` is a parameter of the module (``bilevel_log_lam``: one scalar that scales the reference λ schedule,
-or one value per GN iteration), or a :class:`~lightning_modules.hyper.schedule.FourierSchedule` of the
+or one value per GN iteration), or a :class:`~layers.optim.FourierSchedule` of the
 iterations; optionally the GN step sizes α are learned too. Manual optimisation with two optimisers:
 
 * **inner** (every training step, ``train`` split): the network weights minimise the LearnGN training loss
@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from layers.gn import GNOutput
+from layers.optim import FourierSchedule
 from lightning_modules.base import check_number
 from lightning_modules.checkpoint import CheckpointError, load_checkpoint, require_state_dict
 from lightning_modules.learngn import LearnGN, _qualname
 from lightning_modules.metrics import jacobian_stats
 
 from .objectives import Guard, cycle, outer_loss, schedule_ratio
-from .schedule import FourierSchedule
 
 log = logging.getLogger(__name__)
 

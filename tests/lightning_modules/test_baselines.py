@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from data.synthetic import SyntheticConfig, generator_for, make_synthetic_pair
 from layers.features import box_filter, mind_ssc
+from layers.optim import PRESETS, FeatureMSE, ImageLNCC, adam_optimise, apply_increment, schedule_values
 from layers.warp import compose, warp_image, warp_labels
 from lightning_modules.base import EvaluationOnlyError
 from lightning_modules.baselines import (
@@ -32,8 +33,6 @@ from lightning_modules.baselines.convex import (
     inverse_consistency,
     ssd_cost_volume,
 )
-from lightning_modules.baselines.instance_opt import FeatureMSE, ImageLNCC, adam_optimise, apply_increment
-from lightning_modules.baselines.schedules import PRESETS, schedule_values
 from lightning_modules.metrics import pair_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,14 +228,14 @@ def test_velocity_parametrisation_starts_at_init_and_does_not_fold(pair3d):
     g = torch.Generator().manual_seed(0)
     f, m = torch.rand(1, 2, 12, 12, 12, generator=g), torch.rand(1, 2, 12, 12, 12, generator=g)
     init = torch.tensor([2.0, -1.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 12, 12, 12).contiguous()
-    from lightning_modules.baselines.schedules import make_schedule
+    from layers.optim import make_schedule
 
     out = adam_optimise(f, m, 4, init=init, iterations=1, schedule=make_schedule(0.0), velocity_steps=5)
     torch.testing.assert_close(out, init, rtol=0, atol=1e-6)  # lr 0: exp(0) = id, composed with init
     with pytest.raises(ValueError, match="velocity_steps"):
         adam_optimise(f, m, 4, iterations=1, schedule=make_schedule(1.0), velocity_steps=-1)
     with torch.no_grad():
-        u = ConvexAdam(**{**FAST["convexadam_lncc"], "lam": 0.0, "iterations": 20}).register(pair3d)
+        u = ConvexAdam(**{**FAST["convexadam_lncc"], "diffusion_weight": 0.0, "iterations": 20}).register(pair3d)
     assert float(pair_metrics(pair3d, u, hd95=False)["folding"]) == 0.0
 
 
@@ -272,7 +271,7 @@ def test_convexadam_lncc_options_are_checked():
 def test_log_jacobian_term_enters_the_loss_in_closed_form():
     # lr 0, no similarity, λ 0: the loss of the first step is μ · log(det(I + A))² for an affine initial field
     # u₀ = s·(A g) + t on the stride-s grid (A in coarse voxels per coarse voxel; exact with central differences)
-    from lightning_modules.baselines.schedules import make_schedule
+    from layers.optim import make_schedule
 
     s, mu = 4, 0.7
     a = torch.tensor([[0.1, 0.05, 0.0], [0.0, -0.2, 0.03], [0.02, 0.0, 0.15]], dtype=torch.float64)
@@ -280,8 +279,8 @@ def test_log_jacobian_term_enters_the_loss_in_closed_form():
     init = (s * torch.einsum("ij,j...->i...", a, g) + torch.tensor([1.0, -2.0, 0.5]).view(3, 1, 1, 1))[None]
     feats = torch.rand(1, 2, 10, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     losses = []
-    adam_optimise(feats, feats, s, init=init, iterations=1, schedule=make_schedule(0.0), lam=0.0, weight=0.0,
-                  logj_weight=mu, velocity_steps=2, callback=lambda step, loss, u: losses.append(loss))
+    adam_optimise(feats, feats, s, init=init, iterations=1, schedule=make_schedule(0.0), diffusion_weight=0.0,
+                  weight=0.0, logj_weight=mu, velocity_steps=2, callback=lambda step, loss, u: losses.append(loss))
     expected = mu * math.log(float(torch.linalg.det(torch.eye(3, dtype=torch.float64) + a))) ** 2
     assert losses[0] == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="logj_weight"):
@@ -364,7 +363,7 @@ def test_2d_and_batches(name, kwargs):
     u = model.register(batch)
     assert u.shape == (1, 2, 40, 40) and torch.isfinite(u).all()
     # a batch of two copies gives the same field twice, close to the single pair's (for Adam, the batch mean
-    # of the loss halves the gradients, which Adam's ε sees: see instance_opt)
+    # of the loss halves the gradients, which Adam's ε sees: see layers/optim/objective.py)
     two = {k: (torch.cat([v, v]) if torch.is_tensor(v) else v * 2) for k, v in batch.items()}
     u2 = model.register(two)
     assert u2.shape == (2, 2, 40, 40)
@@ -399,7 +398,7 @@ def test_feature_mse_channels_last_path_is_exact(threads, monkeypatch):
     # the value or the gradient (compared with the moving features forced to stay channels-first), with the
     # warp in one piece (1 thread) or split into slabs (2 threads)
     import layers.grid
-    import lightning_modules.baselines.instance_opt as io
+    import layers.optim.objective as io
 
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand(1, 4, 32, 32, 32, generator=g, dtype=torch.float64)
@@ -446,3 +445,12 @@ def test_an_initialiser_replaces_convexadams_convex_stage_and_starts_adamio():
     assert (u - Shift().register(batch)).abs().max() > 0
     with pytest.raises(TypeError, match="RegistrationModule"):
         AdamIO().set_initialiser(lambda b: b)
+
+
+@pytest.mark.parametrize("cls", [AdamIO, ConvexAdam])
+def test_old_lam_key_is_refused_naming_diffusion_weight(cls):
+    # the Adam baselines' diffusion weight was called lam (GN's λ, a different quantity, keeps that name)
+    with pytest.raises(ValueError, match="'lam' was renamed 'diffusion_weight'"):
+        cls(lam=1.0)
+    assert cls(diffusion_weight=0.5).diffusion_weight == 0.5
+    assert cls(diffusion_weight=0.5).hparams["diffusion_weight"] == 0.5

@@ -13,18 +13,17 @@ from data.collate import collate_pairs
 from data.synthetic import SyntheticPairs
 from layers.features import mind_ssc
 from layers.grid import pool_to_grid, upsample_field
-from lightning_modules.baselines import AdamIO
-from lightning_modules.baselines.instance_opt import adam_optimise
-from lightning_modules.baselines.schedules import PiecewiseLR, ValuesLR, schedule_values
-from lightning_modules.hyper.schedule import (
+from layers.optim import (
     FourierSchedule,
-    ScheduleMetaLearner,
-    adam_settings,
+    PiecewiseLR,
+    ValuesLR,
+    adam_optimise,
     baseline_values,
     differentiable_adam,
-    load_schedule,
-    save_schedule,
+    schedule_values,
 )
+from lightning_modules.baselines import AdamIO
+from lightning_modules.hyper.schedule import ScheduleMetaLearner, adam_settings, load_schedule, save_schedule
 from lightning_modules.losses import keypoint_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -113,7 +112,7 @@ def test_checkpointed_unroll_does_not_depend_on_the_cuda_state(pairs64, monkeypa
     is initialised and raises if CUDA becomes initialised inside a segment ("device state was initialized in
     the forward pass of a Checkpoint"): the three tests that backpropagate through these segments were those
     that failed on a GPU machine. Simulated here on any machine; the result must not change at all."""
-    from lightning_modules.hyper import schedule as schedule_module
+    from layers.optim.objective import InstanceObjective
 
     f, m = _coarse(pairs64, torch.float64)
     lrs = torch.full((6,), 0.5, dtype=torch.float64, requires_grad=True)
@@ -125,13 +124,13 @@ def test_checkpointed_unroll_does_not_depend_on_the_cuda_state(pairs64, monkeypa
     ref = meta_gradient()
     # what checkpoint sees on a CUDA machine: CUDA is its device type for segments of CPU tensors
     monkeypatch.setattr(torch.utils.checkpoint.DefaultDeviceType, "_default_device_type", "cuda")
-    real = schedule_module._adam_objective
+    real = InstanceObjective.__call__
 
     def initialising(*args, **kwargs):
         monkeypatch.setattr(torch.cuda, "_initialized", True)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(schedule_module, "_adam_objective", initialising)
+    monkeypatch.setattr(InstanceObjective, "__call__", initialising)
     torch.testing.assert_close(meta_gradient(), ref, rtol=0, atol=0)
 
 
@@ -224,3 +223,9 @@ def test_piecewise_baseline_is_compressed_to_the_horizon():
     assert bool((values[6:].diff() < 0).all())
     with pytest.raises(ValueError, match="steps"):
         PiecewiseLR.compressed(0)
+
+
+def test_meta_learner_refuses_the_old_lam_key():
+    with pytest.raises(ValueError, match="'lam' was renamed 'diffusion_weight'"):
+        ScheduleMetaLearner(steps=4, lam=1.0)
+    assert ScheduleMetaLearner(steps=4, diffusion_weight=0.5).hparams.diffusion_weight == 0.5

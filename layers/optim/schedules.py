@@ -1,10 +1,11 @@
 """Learning-rate schedules of the Adam instance optimisation (docs/design.md §6), reusable by learned schedules.
 
-A schedule is any callable ``step -> learning rate`` (``step`` = 0, 1, ..., ``iterations - 1``). This module
-provides the published piecewise schedule as a pure function (:func:`piecewise_lr`), picklable schedule
-objects (:class:`ConstantLR`, :class:`PiecewiseLR`, :class:`ValuesLR`), the named presets of the Adam
-baseline (:data:`PRESETS`) and :func:`make_schedule`, which turns a configuration value (a preset name, a
-number, a list of values or a callable) into a schedule.
+A schedule is any callable ``step -> learning rate`` (``step`` = 0, 1, ..., ``iterations - 1``; learning rates in
+``step_unit`` coarse-grid voxels, :mod:`layers.optim.objective`). This module provides the published piecewise
+schedule as a pure function (:func:`piecewise_lr`), picklable schedule objects (:class:`ConstantLR`,
+:class:`PiecewiseLR`, :class:`ValuesLR`), the named presets of the Adam baseline (:data:`PRESETS`),
+:func:`make_schedule`, which turns a configuration value (a preset name, a number, a list of values or a
+callable) into a schedule, and :func:`baseline_values`, the starting values of a learned schedule.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "Preset",
     "Schedule",
     "ValuesLR",
+    "baseline_values",
     "make_schedule",
     "piecewise_lr",
     "resolve_preset",
@@ -182,3 +184,22 @@ def make_schedule(schedule: str | float | Sequence[float] | Schedule) -> Schedul
 def schedule_values(schedule: Schedule, iterations: int) -> torch.Tensor:
     """The learning rates of steps ``0 .. iterations - 1`` as a float64 tensor ``(iterations,)``."""
     return torch.tensor([float(schedule(s)) for s in range(int(iterations))], dtype=torch.float64)
+
+
+def baseline_values(baseline: str | float | Sequence[float], steps: int) -> torch.Tensor:
+    """The baseline schedule's values for steps ``0 .. steps − 1``, float64 ``(steps,)``.
+
+    ``baseline``: ``"piecewise"`` (the published schedule compressed to ``steps`` steps,
+    :meth:`PiecewiseLR.compressed`; the published one at 270), another
+    preset name of :data:`PRESETS` (``"constant"``), a number (constant) or per-step
+    values (the last is held).
+    """
+    if baseline == "piecewise":
+        values = schedule_values(PiecewiseLR.compressed(steps), steps)
+    else:
+        values = schedule_values(
+            make_schedule(baseline if not isinstance(baseline, list) else tuple(baseline)), steps
+        )
+    if not torch.all(values > 0):
+        raise ValueError("a log-parametrised schedule needs a strictly positive baseline")
+    return values
