@@ -21,7 +21,6 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,6 @@ from layers.conditioning import FiLMHeads
 from layers.gn import GNOutput
 from layers.heads import CompactHeads
 from lightning_modules.base import check_number
-from lightning_modules.checkpoint import model_from_checkpoint
 from lightning_modules.learngn import LearnGN
 
 from .bilevel import load_compatible_weights
@@ -43,7 +41,6 @@ __all__ = [
     "LambdaSelection",
     "apply_lambda",
     "current_lambda",
-    "load_hyper_model",
     "resolve_lambda",
     "run_with_log_lam",
     "select_lambda",
@@ -427,12 +424,3 @@ def resolve_lambda(
         raise ValueError(f"λ must be a finite positive number; got {value}")
     apply_lambda(model, value)
     return current_lambda(model)
-
-
-def load_hyper_model(path: str | Path) -> LearnGN:
-    """Load a LearnGN / BilevelLearnGN / HyperLearnGN from a Lightning checkpoint (its recorded class, LearnGN
-    when none is recorded), through :func:`lightning_modules.checkpoint.model_from_checkpoint`: no code runs
-    from the file, and only the project's LearnGN classes are built (``CheckpointError`` naming the file)."""
-    model, _ = model_from_checkpoint(path, base=LearnGN, default=LearnGN, what="checkpoint",
-                                     expected="a Lightning checkpoint of LearnGN, BilevelLearnGN or HyperLearnGN")
-    return model
