@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -404,7 +405,9 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     """Register ``--moving`` onto ``--fixed`` and write the one-pair outputs (see the module docstring).
 
     Returns the ``metrics.json`` dict (``method``, ``fixed``, ``moving``, ``n_pairs`` 1, ``n_failed`` 0 or 1,
-    ``status``, ``error``, ``seconds``, ``initial``, ``metrics``); bad options or input files raise (status 2)."""
+    ``status``, ``error``, ``seconds``, ``initial``, ``metrics``, ``timings``: seconds per stage as in
+    :data:`lightning_modules.evaluation.TIMING_KEYS`, ``write`` covering every file but ``metrics.json``);
+    bad options or input files raise (status 2)."""
     if not (args.fixed and args.moving):
         raise SystemExit("error: --fixed and --moving go together")
     if not args.method or not args.out:
@@ -429,6 +432,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     )
     from data.itk import write_itk_displacement
     from data.pair_files import load_file_pair, warp_file
+    from lightning_modules.base import synchronise
     from lightning_modules.figures import pair_figure
 
     out = Path(args.out)
@@ -440,18 +444,27 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     if (args.fixed_mask or args.moving_mask) and "use_masks" not in method_args and hasattr(model, "use_masks"):
         model.use_masks = True  # mask files restrict the method's similarity terms (docs/design.md §3, §6)
     intensity = args.intensity or _checkpoint_intensity(meta)
+    start = time.perf_counter()
     sample = load_file_pair(args.fixed, args.moving, fixed_labels=args.fixed_labels,
                             moving_labels=args.moving_labels, fixed_mask=args.fixed_mask,
                             moving_mask=args.moving_mask, intensity=intensity)
+    load = time.perf_counter() - start
     if args.lam is not None:
         apply_lam(args, model)
     model = with_prealignment(model, args.affine)
     device = _device(args.accelerator)
     model = model.to(device).eval()
-    record = model.timed_register(move_data_to_device(collate_pairs([sample]), device))[0]
+    begin = synchronise(device)
+    batch = move_data_to_device(collate_pairs([sample]), device)
+    stamp = synchronise(device)
+    load += stamp - begin  # reading, resampling and moving the pair to the device
+    record = model.timed_register(batch)[0]
+    timings = {"load": load, **record["timings"]}
     result = {"method": args.method, "fixed": str(args.fixed), "moving": str(args.moving), "n_pairs": 1,
               "n_failed": int(record["status"] != "ok"), "status": record["status"], "error": record["error"],
-              "seconds": record["seconds"], "initial": record["initial"], "metrics": record["metrics"]}
+              "seconds": record["seconds"], "initial": record["initial"], "metrics": record["metrics"],
+              "timings": timings}
+    begin = time.perf_counter()  # timings["write"] already holds copying the field to the host
     if record["status"] == "ok":
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -472,6 +485,9 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
                             title=f"{args.method}: {Path(args.moving).name} -> {Path(args.fixed).name}")
         except (OSError, ValueError, RuntimeError) as exc:
             result.update(n_failed=1, status="failed", error=f"writing: {type(exc).__name__}: {exc}")
+        timings["write"] = timings.get("write", 0.0) + time.perf_counter() - begin
+    # the pair's wall time: loading, then everything after the transfer (not building the model in between)
+    timings["total"] = load + time.perf_counter() - stamp
     if out.is_dir() or result["status"] == "ok":
         atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
     if result["status"] != "ok":

@@ -4,8 +4,9 @@ A subclass implements :meth:`RegistrationModule.register`, mapping a batch (``da
 full-resolution displacement ``u`` ``(B, n, *S)`` (voxel units, fixed grid, pointing into the moving image).
 This class provides the shared validation / test / predict steps: metrics of docs/design.md §7 through the one
 implementation in :mod:`lightning_modules.metrics`, accumulated with torchmetrics (synchronised under DDP),
-and the per-pair records that ``eval.py`` writes (seconds around the registration only, CUDA-synchronised;
-a pair that fails is recorded with its error instead of stopping the run).
+and the per-pair records that ``eval.py`` writes (seconds around the registration only, CUDA-synchronised,
+and the time of each evaluation stage in ``timings``; a pair that fails is recorded with its error instead of
+stopping the run).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from .metrics import METRIC_NAMES, pair_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluationOnlyError", "RegistrationModule", "check_number", "check_numbers"]
+__all__ = ["EvaluationOnlyError", "RegistrationModule", "check_number", "check_numbers", "synchronise"]
+
+
+def synchronise(device: torch.device | str | None) -> float:
+    """Wait for the work queued on ``device`` when it is a CUDA device (nothing otherwise), then return
+    ``time.perf_counter()`` in seconds: a time stamp that includes the device's pending work."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, strict: bool = False,
@@ -147,7 +156,10 @@ class RegistrationModule(LightningModule):
         ``fixed``, ``moving`` (ids), ``status`` (``"ok"`` / ``"failed"``), ``error`` (``""`` or the message),
         ``seconds`` (registration only, divided evenly over the batch), ``initial`` and ``metrics``
         (``{name: float}``, before and after), ``disp`` (``(n, *S)`` float32 CPU tensor, or None on failure),
-        ``position`` (the pair's position in the batch as loaded).
+        ``position`` (the pair's position in the batch as loaded), ``timings`` (seconds per stage, each divided
+        evenly over the batch, CUDA-synchronised: ``initial_metrics``, ``register`` (= ``seconds``),
+        ``metrics`` (after registration) and ``write`` (so far: copying the field to the host); a failed pair
+        has the stages it finished; ``eval.py``'s writer adds ``load``, the file writing and ``total``).
 
         Every step is guarded per pair: a pair that failed to load (``batch["failed"]``, :mod:`data.guard`)
         is recorded as failed with its error, and an error in the initial metrics, the registration, a
@@ -160,27 +172,32 @@ class RegistrationModule(LightningModule):
         if "fixed" not in batch:  # every pair of the batch failed to load
             return failed
         bsz = batch["fixed"].shape[0]
+        device = batch["fixed"].device
         fixed_ids = [str(v) for v in batch.get("fixed_id", [str(i) for i in range(bsz)])]
         moving_ids = [str(v) for v in batch.get("moving_id", [str(i) for i in range(bsz)])]
         positions = list(batch.get("positions", range(bsz)))
         initial: dict[str, torch.Tensor] = {}
+        timings: dict[str, float] = {}
         stage = "initial metrics"
         try:
             n = batch["fixed"].dim() - 2
+            start = synchronise(device)
             zero = batch["fixed"].new_zeros(bsz, n, *batch["fixed"].shape[2:])
             initial = pair_metrics(batch, zero)
             stage = "registration"
-            if batch["fixed"].is_cuda:
-                torch.cuda.synchronize(batch["fixed"].device)
-            start = time.perf_counter()
+            mark = synchronise(device)
+            timings["initial_metrics"] = (mark - start) / bsz
             u = self.register(batch)
-            if u.is_cuda:
-                torch.cuda.synchronize(u.device)
-            seconds = (time.perf_counter() - start) / bsz
+            stamp = synchronise(u.device)
+            seconds = timings["register"] = (stamp - mark) / bsz
             if not torch.isfinite(u).all():
                 raise FloatingPointError("the displacement field has non-finite values")
             stage = "metrics"
             after = pair_metrics(batch, u)
+            mark = synchronise(u.device)
+            timings["metrics"] = (mark - stamp) / bsz
+            disp = u.detach().float().cpu()
+            timings["write"] = (time.perf_counter() - mark) / bsz
         except Exception as exc:  # a failing pair is recorded, not fatal
             log.warning("%s failed for %s: %s", stage, list(zip(fixed_ids, moving_ids)), exc)
             err = f"{stage}: {type(exc).__name__}: {exc}"
@@ -189,6 +206,7 @@ class RegistrationModule(LightningModule):
             for i in range(bsz):
                 rec = self._failed_record(fixed_ids[i], moving_ids[i], err, position=positions[i])
                 rec["initial"] = {k: float(v[i]) for k, v in initial.items()}
+                rec["timings"] = dict(timings)
                 records.append(rec)
             return records + failed
         records = []
@@ -198,12 +216,14 @@ class RegistrationModule(LightningModule):
                 "seconds": seconds,
                 "initial": {k: float(v[i]) for k, v in initial.items()},
                 "metrics": {k: float(v[i]) for k, v in after.items()},
-                "disp": u[i].detach().float().cpu(),
+                "disp": disp[i],
                 "position": positions[i],
+                "timings": dict(timings),
             })
         return records + failed
 
     @staticmethod
     def _failed_record(fixed_id: str, moving_id: str, error: str, position: int | None = None) -> dict[str, Any]:
         return {"fixed": str(fixed_id), "moving": str(moving_id), "status": "failed", "error": str(error),
-                "seconds": float("nan"), "initial": {}, "metrics": {}, "disp": None, "position": position}
+                "seconds": float("nan"), "initial": {}, "metrics": {}, "disp": None, "position": position,
+                "timings": {}}

@@ -3,9 +3,11 @@
 Output contract (other tools read it):
 
 * ``<out>/summary.json`` = ``{"method", "n_pairs", "n_failed", "initial": {metric: mean}, "metrics": {metric:
-  mean}}`` with metric names :data:`SUMMARY_METRICS`; a metric that does not apply is ``null``;
+  mean}, "timings": {stage: mean seconds}}`` with metric names :data:`SUMMARY_METRICS` and stage names
+  :data:`TIMING_KEYS` plus ``overhead`` (``total - register``); a metric that does not apply is ``null``;
+  timings average the registered pairs (``null`` when none);
 * ``<out>/pairs.csv``: one row per pair with ``fixed``, ``moving``, ``status``, ``error`` and the metric names
-  (after registration; ``initial_<metric>`` columns hold the values before);
+  (after registration; ``initial_<metric>`` columns hold the values before) and ``timings_<stage>`` columns;
 * ``<out>/summary.md``: the same as a table;
 * ``<out>/disp/disp_<fixed>_<moving>.nii.gz``; ``<out>/figures/*.png``.
 
@@ -26,6 +28,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from data.io import atomic_write_bytes, remove_stale_temporaries, write_pair_displacement
 
+from .base import synchronise
 from .figures import pair_figure
 from .metrics import METRIC_NAMES
 
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "RESULT_FILES",
     "SUMMARY_METRICS",
+    "TIMING_KEYS",
     "EvaluationWriter",
     "comparison_table",
     "existing_results",
@@ -51,6 +56,16 @@ __all__ = [
 ]
 
 SUMMARY_METRICS: tuple[str, ...] = (*METRIC_NAMES, "seconds")
+
+#: the stages timed per pair, in seconds (``timings`` of a record, ``summary.json``, ``timings_<stage>`` in
+#: ``pairs.csv``): ``load`` waiting for the data loader (reading, preprocessing, collating, moving to the
+#: device; the loader prefetches one batch, so a batch's wait holds the loading of the next one and only the
+#: mean is exact per pair), ``initial_metrics`` the metrics of the identity, ``register`` the registration
+#: (``seconds``), ``metrics`` the metrics after it, ``write`` copying the field to the host, writing its file
+#: and the figure, ``total`` the wall time from the end of the previous batch (for the first, from the start
+#: of the prediction loop) to the end of this one's writing; each is divided evenly over the pairs of a
+#: batch. ``summary.json`` adds ``overhead`` = the mean of ``total - register``.
+TIMING_KEYS: tuple[str, ...] = ("load", "initial_metrics", "register", "metrics", "write", "total")
 
 #: the files of an evaluation directly under ``<out>``
 RESULT_FILES: tuple[str, ...] = ("summary.json", "pairs.csv", "summary.md")
@@ -119,8 +134,11 @@ def summarise(method: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     initial["seconds"] = None
     metrics = {k: _mean([r["metrics"].get(k, float("nan")) for r in ok]) for k in METRIC_NAMES}
     metrics["seconds"] = _mean([r["seconds"] for r in ok])
+    timed = [r.get("timings", {}) for r in ok]
+    timings = {k: _mean([t.get(k, float("nan")) for t in timed]) for k in TIMING_KEYS}
+    timings["overhead"] = _mean([t.get("total", float("nan")) - t.get("register", float("nan")) for t in timed])
     return {"method": method, "n_pairs": len(rows), "n_failed": len(rows) - len(ok),
-            "initial": initial, "metrics": metrics}
+            "initial": initial, "metrics": metrics, "timings": timings}
 
 
 def _fmt(v: float | None) -> str:
@@ -150,7 +168,8 @@ def write_outputs(out: str | Path, method: str, rows: Sequence[dict[str, Any]], 
     rows = sorted(rows, key=lambda r: (r["fixed"], r["moving"]))
     summary = summarise(method, rows)
     buf = io.StringIO()
-    fields = ["fixed", "moving", "status", "error", *SUMMARY_METRICS, *[f"initial_{k}" for k in METRIC_NAMES]]
+    fields = ["fixed", "moving", "status", "error", *SUMMARY_METRICS, *[f"initial_{k}" for k in METRIC_NAMES],
+              *[f"timings_{k}" for k in TIMING_KEYS]]
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for r in rows:
@@ -161,6 +180,9 @@ def write_outputs(out: str | Path, method: str, rows: Sequence[dict[str, Any]], 
             row[k] = "" if v is None or not math.isfinite(v) else v
             v0 = r["initial"].get(k)
             row[f"initial_{k}"] = "" if v0 is None or not math.isfinite(v0) else v0
+        for k in TIMING_KEYS:
+            t = r.get("timings", {}).get(k)
+            row[f"timings_{k}"] = "" if t is None or not math.isfinite(t) else t
         writer.writerow(row)
     _atomic_write(out / "pairs.csv", buf.getvalue())
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -194,11 +216,22 @@ class EvaluationWriter(BasePredictionWriter):
         self.note = note
         self.rows: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
+        self._mark = self._batch_start = time.perf_counter()  # end of the previous batch; start of this one
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # before the prediction loop builds the loader, which loads the first batch at once
+        self._mark = synchronise(pl_module.device)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._batch_start = synchronise(pl_module.device)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
         indices = list(batch_indices) if batch_indices is not None else []
-        for i, rec in enumerate(prediction):  # the stacked pairs' records come first: record i is batch item i
+        count = max(len(prediction), 1)
+        for i, rec in enumerate(prediction):
+            start = time.perf_counter()  # the stacked pairs' records come first: record i is batch item i
             disp = rec.pop("disp", None)
             position = rec.pop("position", None)
             if rec["status"] == "ok" and disp is not None:
@@ -221,7 +254,14 @@ class EvaluationWriter(BasePredictionWriter):
                 except Exception as exc:  # writing outputs of one pair must not stop the run
                     rec["status"], rec["error"] = "failed", f"writing outputs: {type(exc).__name__}: {exc}"
                     log.warning("pair %s/%s: %s", rec["fixed"], rec["moving"], rec["error"])
+            timings = rec.setdefault("timings", {})
+            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - start
+            timings["load"] = (self._batch_start - self._mark) / count
             self.rows.append(rec)
+        end = synchronise(pl_module.device)
+        for rec in self.rows[len(self.rows) - len(prediction):]:
+            rec["timings"]["total"] = (end - self._mark) / count
+        self._mark = end
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         rows = self.rows

@@ -53,11 +53,23 @@ def test_fit_then_eval_reproduces_validation_metrics(tmp_path):
                              "--figures", "1", "--accelerator", "cpu"])
     # the output contract
     data = json.loads((out / "summary.json").read_text())
-    assert set(data) == {"method", "n_pairs", "n_failed", "initial", "metrics"}
+    assert set(data) == {"method", "n_pairs", "n_failed", "initial", "metrics", "timings"}
     assert data["n_pairs"] == 2 and data["n_failed"] == 0
     assert set(data["metrics"]) == {"dice", "dice30", "hd95", "tre", "sdlogj", "sdlogj_l2r", "folding", "seconds"}
     rows = list(csv.DictReader((out / "pairs.csv").open()))
     assert {"fixed", "moving", "status", "error", "dice", "tre", "seconds"} <= set(rows[0])
+    # per-stage timings (seconds): per pair in pairs.csv, means in summary.json
+    stages = ("load", "initial_metrics", "register", "metrics", "write", "total")
+    assert set(data["timings"]) == {*stages, "overhead"}
+    for row in rows:
+        t = {k: float(row[f"timings_{k}"]) for k in stages}
+        assert all(v >= 0 for v in t.values()), t
+        assert t["register"] == float(row["seconds"])
+        assert t["total"] >= t["register"] + t["initial_metrics"] + t["metrics"] + t["write"], t
+    assert all(data["timings"][k] >= 0 for k in (*stages, "overhead")), data["timings"]
+    assert data["timings"]["register"] == pytest.approx(data["metrics"]["seconds"], rel=1e-12)
+    assert data["timings"]["overhead"] == pytest.approx(data["timings"]["total"] - data["timings"]["register"],
+                                                        rel=1e-9)
     assert len(list((out / "disp").glob("disp_*.nii.gz"))) == 2
     assert len(list((out / "figures").glob("*.png"))) == 1
     assert (out / "summary.md").read_text().count("|") > 10
@@ -118,6 +130,9 @@ def test_eval_baseline_records_failures(tmp_path, monkeypatch):
     assert summary["n_pairs"] == 2 and summary["n_failed"] == 2
     rows = list(csv.DictReader((out / "pairs.csv").open()))
     assert all(r["status"] == "failed" and "solver exploded" in r["error"] for r in rows)
+    # the stages a failed pair finished are in its row; the summary averages registered pairs only (none)
+    assert all(float(r["timings_initial_metrics"]) >= 0 and r["timings_register"] == "" for r in rows)
+    assert all(v is None for v in summary["timings"].values())
 
 
 def test_ddp_fit_and_eval_on_cpu(tmp_path):
