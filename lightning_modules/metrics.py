@@ -400,10 +400,17 @@ def jacobian_stats(
 
     Returns:
         ``{"sdlogj", "sdlogj_l2r", "folding"}``, each ``(B,)`` in ``u``'s dtype (dimensionless; folding is a
-        fraction in ``[0, 1]``); NaN for a pair whose region is empty.
+        fraction in ``[0, 1]``); NaN for a pair whose region is empty. A batch of zero fields (the identity,
+        as for the initial metrics) gives exact zeros without computing ``J`` (``J = 1`` everywhere; the
+        general path returns the rounding of its sums there, ~1e-7 in float32).
     """
     n = check_field(u)
-    jac = jacobian_determinant(u)  # (B, *S)
+    if not u.any():
+        jac = u[:, 0]  # no determinant needed: J = 1, log J = 0, std 0, no folding
+        zero = True
+    else:
+        jac = jacobian_determinant(u)  # (B, *S)
+        zero = False
     bsz, shape = jac.shape[0], jac.shape[1:]
     region = torch.zeros_like(jac, dtype=torch.bool)
     inner = tuple(slice(min(crop, (s - 1) // 2), s - min(crop, (s - 1) // 2)) for s in shape)
@@ -418,6 +425,9 @@ def jacobian_stats(
         region = region & (mask.to(jac.device) > 0.5)
     jac, region = jac.reshape(bsz, -1), region.reshape(bsz, -1)
     count = region.sum(1)
+    if zero:
+        empty = torch.where(count == 0, _NAN, 0.0).to(u.dtype)
+        return {"sdlogj": empty, "sdlogj_l2r": empty.clone(), "folding": empty.clone()}
     logj = torch.log(jac.clamp_min(1e-9))
     logj_l2r = torch.log((jac + 3.0).clamp(1e-9, 1e9))
     folding = (region & (jac <= 0)).sum(1).to(jac.dtype) / count.clamp_min(1).to(jac.dtype)
