@@ -26,9 +26,10 @@ are stored in full-resolution voxel units, so :func:`upsample_field` only interp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,14 @@ __all__ = [
     "channels_last",
     "check_field",
     "coarse_shape",
+    "gather_grid_sample",
     "grid_sample",
     "identity_grid",
     "pool_to_grid",
     "resize_field",
     "sample",
     "sample_displaced",
+    "second_order_warps",
     "spatial_dims",
     "to_normalised",
     "upsample_field",
@@ -53,6 +56,9 @@ __all__ = [
 ALIGN_CORNERS = True
 
 _LINEAR = {2: "bilinear", 3: "trilinear"}
+
+#: How many :func:`second_order_warps` contexts are open (per process).
+_SECOND_ORDER = type("_Depth", (), {"depth": 0})()
 
 
 #: Fewest output voxels of a 3D warp that is split into slabs over the CPU threads (:func:`grid_sample`).
@@ -98,10 +104,13 @@ def grid_sample(
             one volume too); None picks :func:`slab_count` (see the module docstring), and 1 for an image batch.
 
     Returns:
-        ``(B, C, *T)``.
+        ``(B, C, *T)``. Inside :func:`second_order_warps` on a PyTorch whose ``grid_sample`` has no second
+        derivative, a linear warp is computed by :func:`gather_grid_sample` instead (same values).
     """
     gs_mode = "bilinear" if mode == "linear" else mode
     grid = grid.to(image.dtype)
+    if mode == "linear" and _SECOND_ORDER.depth > 0 and not native_second_order():
+        return gather_grid_sample(image, grid, padding_mode=padding_mode)
     k = (slab_count(grid) if image.shape[0] == 1 else 1) if slabs is None else int(slabs)
     if k > 1:
         if grid.dim() != 5 or grid.shape[0] != 1 or image.shape[0] != 1 or grid.shape[1] % k:
@@ -113,6 +122,90 @@ def grid_sample(
         out = F.grid_sample(img, parts, mode=gs_mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
         return out.transpose(0, 1).reshape(1, image.shape[1], depth, *grid.shape[2:-1])
     return F.grid_sample(image, grid, mode=gs_mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+
+
+@contextlib.contextmanager
+def second_order_warps(enabled: bool = True) -> Iterator[None]:
+    """Within this context, linear warps of :func:`grid_sample` are twice differentiable on every PyTorch.
+
+    Differentiating through a gradient step that contains a warp (the meta-gradient of a learned Adam schedule,
+    docs/design.md §5) needs the second derivative of ``grid_sample``; some PyTorch releases (2.11 among them)
+    raise "derivative for aten::grid_sampler_2d_backward is not implemented". There, the warps made inside this
+    context use :func:`gather_grid_sample`; where PyTorch has the derivative (:func:`native_second_order`),
+    nothing changes.
+    """
+    if not enabled:
+        yield
+        return
+    _SECOND_ORDER.depth += 1
+    try:
+        yield
+    finally:
+        _SECOND_ORDER.depth -= 1
+
+
+@functools.cache
+def native_second_order() -> bool:
+    """Whether this PyTorch's ``grid_sample`` has a second derivative (probed once on a 2×2 image)."""
+    image = torch.zeros(1, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    grid = torch.zeros(1, 1, 1, 2, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        out = F.grid_sample(image, grid, align_corners=ALIGN_CORNERS).sum()
+        (g_grid,) = torch.autograd.grad(out, grid, create_graph=True)
+        try:
+            torch.autograd.grad(g_grid.sum(), image)
+        except RuntimeError:
+            return False
+    return True
+
+
+def gather_grid_sample(image: torch.Tensor, grid: torch.Tensor, *, padding_mode: str = "border") -> torch.Tensor:
+    """Linear ``grid_sample`` (``align_corners=True``) from gathers and weights: differentiable to any order.
+
+    Args:
+        image: ``(B, C, *S)``, 2D or 3D.
+        grid: normalised coordinates ``(B, *T, n)`` (x, y[, z] order), as for :func:`grid_sample`.
+        padding_mode: ``"border"`` (coordinates clamped to the image, as ``grid_sample``'s) or ``"zeros"``.
+
+    Returns:
+        ``(B, C, *T)``, equal to ``torch.nn.functional.grid_sample(image, grid, mode="bilinear",
+        padding_mode=padding_mode, align_corners=True)`` to rounding, with the same first derivatives; the
+        ``2ⁿ`` corner values are gathered and weighted by products of the fractional coordinates.
+    """
+    if padding_mode not in ("border", "zeros"):
+        raise ValueError(f"padding_mode must be 'border' or 'zeros'; got {padding_mode!r}")
+    n = image.dim() - 2
+    bsz, chans, size = image.shape[0], image.shape[1], image.shape[2:]
+    out_shape = grid.shape[1:-1]
+    coords = grid.reshape(bsz, -1, n).flip(-1)  # (B, M, n), array-axis order
+    extent = torch.tensor([float(s - 1) for s in size], dtype=grid.dtype, device=grid.device)
+    coords = (coords + 1) * (extent / 2)
+    if padding_mode == "border":  # clamped, with derivative 1 strictly inside only (as grid_sample's clipping)
+        inside = (coords > 0) & (coords < extent)
+        coords = torch.where(inside, coords, torch.minimum(coords.detach().clamp_min(0.0), extent))
+    base = coords.detach().floor()
+    frac = coords - base
+    base = base.long()
+    flat = image.reshape(bsz, chans, -1)
+    strides = [math.prod(size[i + 1:]) for i in range(n)]
+    out = None
+    for corner in range(2 ** n):
+        index = torch.zeros_like(base[..., 0])
+        weight = None
+        inside = None
+        for axis in range(n):
+            bit = (corner >> (n - 1 - axis)) & 1
+            pos = base[..., axis] + bit
+            w = frac[..., axis] if bit else 1 - frac[..., axis]
+            weight = w if weight is None else weight * w
+            ok = (pos >= 0) & (pos <= size[axis] - 1)
+            inside = ok if inside is None else inside & ok
+            index = index + pos.clamp(0, size[axis] - 1) * strides[axis]
+        weight = weight * inside.to(weight.dtype)
+        values = torch.gather(flat, 2, index.unsqueeze(1).expand(bsz, chans, -1))
+        term = values * weight.unsqueeze(1)
+        out = term if out is None else out + term
+    return out.reshape(bsz, chans, *out_shape)
 
 
 def spatial_dims(x: torch.Tensor, name: str = "x") -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..grid import second_order_warps
 from .objective import InstanceObjective
 
 __all__ = ["differentiable_adam"]
@@ -98,7 +99,8 @@ def _adam_segment(
         step = t0 + j + 1
         if not delta.requires_grad:
             delta = delta.detach().requires_grad_(True)
-        loss, _ = objective(delta)
+        with second_order_warps(create_graph):  # the meta-gradient differentiates through the warps twice
+            loss, _ = objective(delta)
         (g,) = torch.autograd.grad(loss, delta, create_graph=create_graph)
         m = torch.lerp(m, g, 1 - b1)
         v = v * b2 + (1 - b2) * g * g

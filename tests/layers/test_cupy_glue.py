@@ -44,6 +44,9 @@ def _stand_in_modules(exported: list) -> dict[str, types.ModuleType]:
         return np.from_dlpack(obj)
 
     cupy.from_dlpack = from_dlpack
+    # SciPy's array-API detection (SciPy >= 1.15 or so) looks up ``sys.modules["cupy"].ndarray`` on every sparse
+    # solve once a module named cupy is loaded: a class that nothing is an instance of
+    cupy.ndarray = type("ndarray", (), {})
     cupy.linalg = types.SimpleNamespace(norm=np.linalg.norm)
     cupyx = types.ModuleType("cupyx")
     cpx_scipy = types.ModuleType("cupyx.scipy")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from layers.grid import (
@@ -272,3 +273,60 @@ def test_slabs_never_mix_the_volumes_of_an_image_batch(two_threads):
         grid_sample(images, grid)
     with pytest.raises(ValueError, match="slabs=2"):
         grid_sample(images, grid, slabs=2)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("padding_mode", ["border", "zeros"])
+def test_gather_grid_sample_equals_grid_sample_with_its_derivatives(n, padding_mode):
+    """The gather formulation (used for second-order warps where PyTorch's grid_sample has no second
+    derivative) gives grid_sample's values and first derivatives (float64), coordinates outside the image
+    included, and consistent second derivatives (gradgradcheck)."""
+    from layers.grid import gather_grid_sample
+
+    g = torch.Generator().manual_seed(n)
+    size = (5, 6, 4)[:n]
+    image = torch.randn(2, 3, *size, dtype=torch.float64, generator=g).requires_grad_()
+    grid = (torch.rand(2, 4, 3, *([2] * (n - 2)), n, dtype=torch.float64, generator=g) * 2.6 - 1.3)
+    # and the voxel centres themselves (integer coordinates, the image border included: an unmoved warp)
+    centres = to_normalised(identity_grid(size, dtype=torch.float64).movedim(1, -1), size).expand(2, *size, n)
+    grid = torch.cat([grid.flatten(1, -2), centres.flatten(1, -2)], 1).unsqueeze(-2)
+    if n == 3:
+        grid = grid.unsqueeze(-2)
+    grid = grid.requires_grad_()
+    ref = F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    got = gather_grid_sample(image, grid, padding_mode=padding_mode)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (image, grid)),
+                    torch.autograd.grad((ref * w).sum(), (image, grid))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    small = (image[:1, :1].detach().requires_grad_(), grid[:1, :2].detach().requires_grad_())
+    assert torch.autograd.gradgradcheck(lambda i, c: gather_grid_sample(i, c, padding_mode=padding_mode), small)
+
+
+def test_second_order_warps_make_a_meta_gradient_possible_without_native_support(monkeypatch):
+    """Inside second_order_warps, grid_sample switches to the gather formulation when PyTorch lacks the second
+    derivative (simulated here): a gradient of a gradient through a warp then exists, and where this PyTorch
+    has its own it agrees with it (float64)."""
+    import layers.grid as grid_module
+
+    g = torch.Generator().manual_seed(9)
+    image = torch.randn(1, 2, 6, 5, dtype=torch.float64, generator=g)
+    coords = (torch.rand(1, 6, 5, 2, dtype=torch.float64, generator=g) * 1.8 - 0.9)
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def meta_gradient():
+        c = coords.clone().requires_grad_()
+        loss = grid_module.grid_sample(image, c).square().sum()
+        (step,) = torch.autograd.grad(loss, c, create_graph=True)
+        after = grid_module.grid_sample(image, c - lr * step).square().sum()
+        return torch.autograd.grad(after, lr)[0]
+
+    native = grid_module.native_second_order()
+    monkeypatch.setattr(grid_module, "native_second_order", lambda: False)
+    with grid_module.second_order_warps():
+        simulated = meta_gradient()
+    assert grid_module._SECOND_ORDER.depth == 0
+    if native:
+        monkeypatch.undo()
+        torch.testing.assert_close(simulated, meta_gradient(), rtol=1e-10, atol=0)
