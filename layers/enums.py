@@ -70,7 +70,7 @@ class LabelLoss(StrEnum):
 class Backend(StrEnum):
     """Which CG backend solves the GN system (docs/design.md §3)."""
 
-    AUTO = "auto"  #: cupy for CUDA tensors when it is available, torch otherwise
+    AUTO = "auto"  #: graph for CUDA tensors, torch otherwise
     TORCH = "torch"  #: matrix-free batched PCG in torch (:func:`layers.cg.cg`), any device
     GRAPH = "graph"  #: the torch PCG replayed as CUDA graphs (:class:`layers.cg.GraphedCG`); eager off CUDA
     CUPY = "cupy"  #: CSR matrices and ``cupyx.scipy.sparse.linalg.cg`` (:mod:`layers.cupy_backend`)

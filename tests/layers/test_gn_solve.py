@@ -396,7 +396,7 @@ def test_cupy_backend_matches_torch(coupling, grid):
     for got, ref in zip(out["cupy"], out["torch"]):
         torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-9)
     x_auto, info = gn_solve(H, b, lam, coupling=coupling, return_info=True)
-    assert info.backend == "cupy"
+    assert info.backend == "graph"  # auto on CUDA: the fastest measured (layers.gn_solve._resolve_backend)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

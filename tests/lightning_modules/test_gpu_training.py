@@ -72,7 +72,7 @@ def training_step(device: str, backend: str, monkeypatch) -> tuple[torch.Tensor,
     return loss.detach().cpu(), grads, backends
 
 
-@pytest.mark.parametrize("backend", ["torch", "cupy"])
+@pytest.mark.parametrize("backend", ["torch", "graph", "cupy"])
 def test_training_step_on_cuda_matches_cpu(backend, monkeypatch):
     _require(backend)
     ref_loss, ref_grads, ref_backends = training_step("cpu", "torch", monkeypatch)
