@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["Backend", "Coupling", "LabelLoss", "StrEnum", "Update"]
+__all__ = ["Backend", "Coupling", "LabelLoss", "LamKind", "StrEnum", "Update"]
 
 
 class StrEnum(str, Enum):
@@ -74,3 +74,13 @@ class Backend(StrEnum):
     TORCH = "torch"  #: matrix-free batched PCG in torch (:func:`layers.cg.cg`), any device
     GRAPH = "graph"  #: the torch PCG replayed as CUDA graphs (:class:`layers.cg.GraphedCG`); eager off CUDA
     CUPY = "cupy"  #: CSR matrices and ``cupyx.scipy.sparse.linalg.cg`` (:mod:`layers.cupy_backend`)
+
+
+class LamKind(StrEnum):
+    """How a :class:`layers.lam_schedule.LambdaSchedule` holds λ per GN iteration (docs/design.md §5)."""
+
+    FIXED = "fixed"  #: the reference schedule (geometric ``lam_start → lam_end``), not learned
+    PER_ITERATION = "per_iteration"  #: K learned values ``log λ_t``
+    SCALAR = "scalar"  #: one learned ``log λ`` scaling the reference's shape
+    FOURIER = "fourier"  #: a learned :class:`layers.optim.FourierSchedule` of the iteration index
+    CONDITIONED = "conditioned"  #: ``log λ`` set or given per call (a λ-conditioned model's input)

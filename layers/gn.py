@@ -34,29 +34,19 @@ from .enums import Update
 from .gn_solve import gn_solve
 from .grid import channels_last, coarse_shape, pool_to_grid, spatial_dims, upsample_field
 from .heads import handcrafted_jf
+from .lam_schedule import LambdaSchedule, geometric_schedule
 from .laplacian import laplacian_apply
 from .masks import check_mask, similarity_weight
 from .warp import compose, warp_image
 
 __all__ = ["UPDATES", "GNRegistration", "assemble_normal_equations", "geometric_schedule", "gn_step",
-           "pad_to_multiple"]
+           "pad_to_multiple"]  # geometric_schedule: re-exported from layers.lam_schedule
 
 JFFunction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 #: GN update rules (see :func:`gn_step`)
 UPDATES = tuple(u.value for u in Update)
-
-
-def geometric_schedule(start: float, end: float, steps: int) -> list[float]:
-    """``steps`` values from ``start`` to ``end`` in geometric progression (``[start]`` when steps == 1)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
-    if start <= 0 or end <= 0:
-        raise ValueError(f"schedule ends must be > 0; got start={start}, end={end}")
-    if steps == 1:
-        return [float(start)]
-    return [float(start * (end / start) ** (t / (steps - 1))) for t in range(steps)]
 
 
 def assemble_normal_equations(
@@ -205,8 +195,10 @@ class GNRegistration(nn.Module):
     Args:
         iterations: K.
         stride: grid stride ``s``.
-        lam: λ schedule: a pair ``(start, end)`` (geometric decay over the K iterations) or a sequence of K
-            values.
+        lam: λ per iteration (docs/design.md §5): a :class:`layers.lam_schedule.LambdaSchedule` (its owner,
+            e.g. :class:`lightning_modules.learngn.LearnGN`, chooses its kind), or a pair ``(start, end)``
+            (geometric decay over the K iterations) or K values for a fixed one. Held as :attr:`lam`, the one
+            name this module reads λ by.
         step: step-size schedule α: a float (constant) or K values.
         coupling: ``"full"`` (n×n blocks) or ``"diagonal"`` (the reference simplification).
         jf: optional module ``(fixed, warped) -> (J, f)`` (the learned heads); handcrafted when None.
@@ -226,7 +218,7 @@ class GNRegistration(nn.Module):
         self,
         iterations: int = 10,
         stride: int = 4,
-        lam: Sequence[float] = (1.0, 0.5),
+        lam: Sequence[float] | LambdaSchedule = (1.0, 0.5),
         step: float | Sequence[float] = 1.0,
         coupling: str = "full",
         jf: nn.Module | None = None,
@@ -243,18 +235,22 @@ class GNRegistration(nn.Module):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1; got {iterations}")
         self.iterations, self.stride, self.coupling = int(iterations), int(stride), coupling
-        lam = [float(v) for v in lam]
-        if len(lam) == 2 and iterations != 2:
-            lam = geometric_schedule(lam[0], lam[1], iterations)
-        if len(lam) != iterations or min(lam) <= 0:
-            raise ValueError(f"lam must be (start, end) or {iterations} positive values; got {lam}")
+        if not isinstance(lam, LambdaSchedule):
+            lam = LambdaSchedule(lam, iterations)
+        if lam.iterations != iterations:
+            raise ValueError(f"the λ schedule has {lam.iterations} values for {iterations} iterations")
         steps = [float(step)] * iterations if isinstance(step, (int, float)) else [float(v) for v in step]
         if len(steps) != iterations:
             raise ValueError(f"step must be a float or {iterations} values; got {steps}")
-        self.register_buffer("lam_schedule", torch.tensor(lam), persistent=False)
         self.register_buffer("step_schedule", torch.tensor(steps), persistent=False)
         self.jf = jf
+        self.lam = lam
         self.solver = dict(solver or {})
+
+    @property
+    def lam_schedule(self) -> torch.Tensor:
+        """The values ``(K,)`` of :attr:`lam`, detached (read-only, for callers that only read the numbers)."""
+        return self.lam.values().detach()
 
     def forward(
         self,
@@ -273,7 +269,7 @@ class GNRegistration(nn.Module):
         Args:
             fixed, moving: features ``(B, C, *S)``.
             u0: initial coarse field ``(B, n, *G)`` with ``G = ceil(S / s)`` (zeros by default).
-            lam: λ per iteration overriding the schedule: ``(K,)`` or ``(K, B)`` tensor (differentiable).
+            lam: λ per iteration overriding :attr:`lam`: ``(K,)`` or ``(K, B)`` tensor (differentiable).
             step: α per iteration overriding the schedule: ``(K,)`` or ``(K, B)``.
             return_history: keep the coarse field after each iteration.
             channel_weights: ``(C,)`` data-term weights of the feature channels (default 1; see
@@ -299,7 +295,7 @@ class GNRegistration(nn.Module):
             if tuple(u0.shape) != (fixed.shape[0], n, *grid):
                 raise ValueError(f"u0 must be {(fixed.shape[0], n, *grid)}; got {tuple(u0.shape)}")
             u = u0
-        lams = self.lam_schedule.to(fixed.dtype) if lam is None else lam
+        lams = self.lam.values().to(fixed.dtype) if lam is None else lam
         steps = self.step_schedule.to(fixed.dtype) if step is None else step
         if lams.shape[0] != self.iterations or steps.shape[0] != self.iterations:
             raise ValueError(f"lam and step need {self.iterations} rows; got {tuple(lams.shape)}, {tuple(steps.shape)}")
