@@ -41,6 +41,7 @@ __all__ = [
     "import_project_class",
     "load_checkpoint",
     "model_from_checkpoint",
+    "rename_legacy_keys",
     "require_state_dict",
     "safe_globals",
 ]
@@ -177,6 +178,30 @@ def checkpoint_class(
             )
         return default
     return import_project_class(qualname, base=base, path=path, what=what)
+
+
+#: state-dict keys of the LearnGN family written before λ had one home (docs/design.md §5) -> their keys in
+#: the :class:`layers.lam_schedule.LambdaSchedule` at ``gn.lam``: LearnGN's ``learn_schedule`` parameter,
+#: BilevelLearnGN's scalar / per-iteration parameter and Fourier network, HyperLearnGN's evaluation λ
+LEGACY_LAM_KEYS: dict[str, str] = {
+    "log_lam": "gn.lam.log_lam",
+    "bilevel_log_lam": "gn.lam.log_lam",
+    "log_lam_eval": "gn.lam.log_lam",
+    "lam_net.": "gn.lam.net.",
+}
+
+
+def rename_legacy_keys(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Rename, in place, the λ keys of a LearnGN-family ``state_dict`` written before λ had one home
+    (:data:`LEGACY_LAM_KEYS`; ``prefix``: the model's prefix in it). Values are kept (same shapes and
+    meaning); other keys and current checkpoints are untouched. Called by ``LearnGN._load_from_state_dict``, so
+    every load (``eval.py --ckpt``, ``init_from``, Lightning's ``--ckpt_path``) sees the current keys."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in LEGACY_LAM_KEYS.items():
+            if rest == old or (old.endswith(".") and rest.startswith(old)):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
 
 
 def _init_kwargs(cls: type, hparams: dict[str, Any], path: Path, what: str) -> dict[str, Any]:

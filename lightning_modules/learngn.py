@@ -9,7 +9,6 @@ the field *after* the last update.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,11 @@ from layers.encoder import FeatureEncoder
 from layers.enums import LabelLoss
 from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
+from layers.lam_schedule import LambdaSchedule
 from layers.semantic import SemanticNet, semantic_loss, semantic_targets
 
 from .base import RegistrationModule
-from .checkpoint import CheckpointError, load_checkpoint, require_state_dict
+from .checkpoint import CheckpointError, load_checkpoint, rename_legacy_keys, require_state_dict
 from .features import FeatureKind, batch_features
 from .losses import keypoint_loss, label_loss, mind_loss, regularity_loss
 from .masks import batch_masks
@@ -90,7 +90,10 @@ class LearnGN(RegistrationModule):
         sdm_scale: divisor of the distance-map features.
         iterations: K GN iterations.
         stride: grid stride ``s``.
-        lam_start, lam_end: geometric λ schedule over the iterations.
+        lam_start, lam_end: the reference geometric λ schedule over the iterations (docs/design.md §5): the
+            model's λ is ``self.gn.lam``, a :class:`layers.lam_schedule.LambdaSchedule` built from it (fixed;
+            learned per iteration with ``learn_schedule``; subclasses choose other kinds in
+            :meth:`make_lam_schedule`).
         step: GN step size α.
         coupling: ``"full"`` or ``"diagonal"``.
         hidden: width of the optional nonlinear branch of each head (0 = linear heads, the reference).
@@ -118,8 +121,9 @@ class LearnGN(RegistrationModule):
         semantic_weight_init: initial data-term weight of the semantic channels.
         w_semantic: weight of the semantic regression loss (mean squared error of the maps, in mm).
         weight_lr: Adam learning rate of the semantic channels' data-term weights.
-        learn_schedule: also learn the per-iteration λ and step size (as logarithms, initialised at the
-            schedule, so the untrained model is still handcrafted GN).
+        learn_schedule: also learn the per-iteration λ (a ``per_iteration`` :class:`LambdaSchedule`) and step
+            size (``log_step``), as logarithms initialised at the schedules, so the untrained model is still
+            handcrafted GN.
         detach_warp: warp with a detached copy of the current field (truncated backpropagation,
             :class:`layers.gn.GNRegistration`).
         recompute: recompute each GN iteration's full-resolution part (warp of the ``(B, C, *S)`` moving
@@ -211,14 +215,21 @@ class LearnGN(RegistrationModule):
             self.register_buffer("base_weight", torch.ones(channels), persistent=False)
         else:
             self.semantic_net = self.semantic_weight = None
-        if learn_schedule:
-            self.log_lam = torch.nn.Parameter(self.gn.lam_schedule.clone().log())
-            self.log_step = torch.nn.Parameter(self.gn.step_schedule.clone().log())
-        else:
-            self.log_lam = self.log_step = None
+        # built here, after the other modules, so that a learned schedule draws its initial weights last
+        self.gn.lam = self.make_lam_schedule()
+        self.log_step = torch.nn.Parameter(self.gn.step_schedule.clone().log()) if learn_schedule else None
         if init_from:
             load_weights(self, init_from, type(self))
             log.info("initialised LearnGN weights from %s", init_from)
+
+    def make_lam_schedule(self) -> LambdaSchedule:
+        """The model's λ schedule (docs/design.md §5), from its hyper-parameters: the geometric
+        ``lam_start → lam_end`` over the iterations, learned per iteration with ``learn_schedule``. Subclasses
+        choose other kinds (:class:`lightning_modules.hyper.BilevelLearnGN`,
+        :class:`lightning_modules.hyper.HyperLearnGN`)."""
+        hp = self.hparams
+        return LambdaSchedule((hp.lam_start, hp.lam_end), hp.iterations,
+                              kind="per_iteration" if hp.learn_schedule else "fixed")
 
     @property
     def heads(self) -> CompactHeads:
@@ -266,15 +277,20 @@ class LearnGN(RegistrationModule):
             return None
         return torch.cat([self.base_weight.to(self.semantic_weight.dtype), self.semantic_weight.clamp_min(0.0)])
 
-    def run(self, batch: dict[str, Any], lam: torch.Tensor | None = None,
-            step: torch.Tensor | None = None, *, maps: tuple[torch.Tensor, torch.Tensor] | None = None) -> GNOutput:
-        """Run the K GN iterations on a batch (``lam``, ``step``: optional ``(K,)`` / ``(K, B)`` overrides of the
-        λ and step-size schedules; ``maps``: the batch's :meth:`semantic_maps` when already computed)."""
+    def run(self, batch: dict[str, Any], lam: torch.Tensor | None = None, step: torch.Tensor | None = None, *,
+            log_lam: torch.Tensor | None = None, maps: tuple[torch.Tensor, torch.Tensor] | None = None) -> GNOutput:
+        """Run the K GN iterations on a batch.
+
+        λ comes from ``self.gn.lam`` (docs/design.md §5) unless ``lam`` (``(K,)`` / ``(K, B)``) overrides it or
+        ``log_lam`` (``()`` / ``(B,)``, a first-iteration ``log λ``) rescales it, the shape kept
+        (:meth:`layers.lam_schedule.LambdaSchedule.values`); ``step``: optional ``(K,)`` / ``(K, B)`` step sizes;
+        ``maps``: the batch's :meth:`semantic_maps` when already computed."""
         self._check_batch(batch)
         fixed, moving = self.features(batch, maps)
-        if self.log_lam is not None:
-            lam = self.log_lam.exp() if lam is None else lam
-            step = self.log_step.exp() if step is None else step
+        if lam is None and log_lam is not None:
+            lam = self.gn.lam.values(log_lam)
+        if self.log_step is not None and step is None:
+            step = self.log_step.exp()
         weights = self.channel_weights()
         fixed_mask, moving_mask = batch_masks(batch, self.use_masks)
         return self.gn(fixed, moving, lam=lam, step=step,
@@ -285,22 +301,13 @@ class LearnGN(RegistrationModule):
         return self.run(batch).disp
 
     def lam_values(self) -> torch.Tensor:
-        """λ per GN iteration ``(K,)`` that :meth:`run` uses: the learned schedule (``learn_schedule``) or the
-        fixed geometric one."""
-        return self.log_lam.exp() if self.log_lam is not None else self.gn.lam_schedule
+        """λ per GN iteration ``(K,)`` that :meth:`run` uses: ``self.gn.lam.values()`` (differentiable)."""
+        return self.gn.lam.values()
 
-    @torch.no_grad()
     def set_lambda(self, lam: float) -> None:
-        """Rescale the λ schedule (learned or fixed) so that its first-iteration value is ``lam`` (shape kept;
-        ``eval.py --lam``)."""
-        lam = float(lam)
-        if not (math.isfinite(lam) and lam > 0):
-            raise ValueError(f"λ must be a finite positive number; got {lam}")
-        ratio = lam / float(self.lam_values()[0])
-        if self.log_lam is not None:
-            self.log_lam.add_(math.log(ratio))
-        else:
-            self.gn.lam_schedule.mul_(ratio)
+        """Rescale the λ schedule, whatever its kind, so that its first-iteration value is ``lam`` (shape kept;
+        ``eval.py --lam``; :meth:`layers.lam_schedule.LambdaSchedule.set_lambda`)."""
+        self.gn.lam.set_lambda(lam)
 
     # --- training ------------------------------------------------------------------------------------------
     def _label_ids(self, batch: dict[str, Any]) -> list[int]:
@@ -392,8 +399,12 @@ class LearnGN(RegistrationModule):
     def param_groups(self, params) -> list[dict[str, Any]]:
         """Adam parameter groups for ``params``: the encoder's parameters (when ``encoder_lr`` is set), the
         semantic network's (when ``semantic_lr`` is set) and the semantic channels' weights (``weight_lr``) in
-        groups of their own with those learning rates, the rest in a group without an explicit rate."""
+        groups of their own with those learning rates, the rest in a group without an explicit rate, λ's parameters
+        (``gn.lam``) first in it (their order when they were the model's own attributes, so that the optimiser
+        state of checkpoints written then still lines up)."""
+        lam_ids = {id(p) for p in self.gn.lam.parameters()}
         params = list(params)
+        params = [p for p in params if id(p) in lam_ids] + [p for p in params if id(p) not in lam_ids]
         hp = self.hparams
         own: list[tuple[set[int], float]] = []
         if self.encoder is not None and hp.encoder_lr is not None:
@@ -413,3 +424,8 @@ class LearnGN(RegistrationModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_class"] = _qualname(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints written before λ had one home: their λ keys renamed in place, before the children load
+        rename_legacy_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,8 +1,9 @@
 """Bilevel learning of the GN regularisation weight λ for LearnGN (docs/design.md §5).
 
-``log λ`` is a parameter of the module (``bilevel_log_lam``: one scalar that scales the reference λ schedule,
-or one value per GN iteration), or a :class:`~layers.optim.FourierSchedule` of the
-iterations; optionally the GN step sizes α are learned too. Manual optimisation with two optimisers:
+λ lives where every LearnGN keeps it, the :class:`~layers.lam_schedule.LambdaSchedule` ``gn.lam``, here of kind
+``lam_mode`` (one learned scalar that scales the reference λ schedule, one value per GN iteration, or a
+:class:`~layers.optim.FourierSchedule` of the iterations); optionally the GN step sizes α are learned too. This
+module only decides which optimiser updates what. Manual optimisation with two optimisers:
 
 * **inner** (every training step, ``train`` split): the network weights minimise the LearnGN training loss
   with λ held fixed (detached);
@@ -14,14 +15,13 @@ iterations; optionally the GN step sizes α are learned too. Manual optimisation
 
 The hyper batches come from ``trainer.datamodule.hyper_dataloader()`` (cycled), or from any iterable assigned
 to :attr:`BilevelLearnGN.hyper_source`. λ, the outer loss terms and the folding fraction of the hyper batch
-(:func:`lightning_modules.metrics.jacobian_stats`) are logged under ``hyper/``; ``log λ`` is a parameter: it
-is in the checkpoint (and so is the inner step counter, a buffer).
+(:func:`lightning_modules.metrics.jacobian_stats`) are logged under ``hyper/``; λ's parameters are in the
+checkpoint (and so is the inner step counter, a buffer).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,21 +29,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from layers.enums import LamKind
 from layers.gn import GNOutput
+from layers.lam_schedule import LambdaSchedule
 from layers.optim import FourierSchedule
 from lightning_modules.base import check_number
 from lightning_modules.checkpoint import CheckpointError, load_checkpoint, require_state_dict
 from lightning_modules.learngn import LearnGN, _qualname
 from lightning_modules.metrics import jacobian_stats
 
-from .objectives import Guard, cycle, outer_loss, schedule_ratio
+from .objectives import Guard, cycle, outer_loss
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LAM_MODES", "BilevelLearnGN", "load_compatible_weights"]
 
 #: Parametrisations of λ: one scalar scaling the schedule, one value per iteration, or a Fourier schedule.
-LAM_MODES = ("scalar", "per_iteration", "fourier")
+LAM_MODES = (LamKind.SCALAR.value, LamKind.PER_ITERATION.value, LamKind.FOURIER.value)
 
 
 def load_compatible_weights(
@@ -54,7 +56,7 @@ def load_compatible_weights(
 ) -> None:
     """Load the ``state_dict`` of a Lightning checkpoint of LearnGN or a subclass into ``module``.
 
-    Keys of ``module`` starting with one of ``allowed_missing`` may be absent from the checkpoint (``log λ``
+    Keys of ``module`` starting with one of ``allowed_missing`` may be absent from the checkpoint (``gn.lam.``
     when fine-tuning a bilevel model from a plain LearnGN checkpoint); every other key must match, and the
     checkpoint's extra keys must be hyper-parameter keys of the same prefixes. ``rename`` maps the
     checkpoint's keys to the module's (e.g. into a wrapped head module). ``FileNotFoundError`` /
@@ -89,10 +91,11 @@ class BilevelLearnGN(LearnGN):
     """LearnGN whose λ (optionally also the GN step sizes) is learned on the ``hyper`` split (bilevel).
 
     Args:
-        lam_mode: ``"scalar"`` (one ``log λ``; λ_t = λ·r_t with ``r_t`` the shape of the reference geometric
-            schedule ``lam_start → lam_end``, so λ is the first-iteration value), ``"per_iteration"``
-            (K values ``log λ_t``) or ``"fourier"`` (a :class:`FourierSchedule` of the iteration index,
-            initialised to the reference schedule).
+        lam_mode: the kind of ``gn.lam`` (:class:`~layers.lam_schedule.LambdaSchedule`): ``"scalar"`` (one
+            ``log λ``; λ_t = λ·r_t with ``r_t`` the shape of the reference geometric schedule
+            ``lam_start → lam_end``, so λ is the first-iteration value), ``"per_iteration"`` (K values
+            ``log λ_t``) or ``"fourier"`` (a :class:`FourierSchedule` of the iteration index, initialised to the
+            reference schedule).
         lam_init: initial λ (first iteration; default ``lam_start``).
         learn_step: also learn the GN step sizes α_t (a :class:`FourierSchedule` around ``step``) on the hyper
             split.
@@ -140,9 +143,11 @@ class BilevelLearnGN(LearnGN):
                 "BilevelLearnGN learns λ on the hyper split: use lam_mode / learn_step, not "
                 "learn_schedule (which would train λ on the train split)"
             )
-        super().__init__(**kwargs)
         if lam_mode not in LAM_MODES:
             raise ValueError(f"unknown lam_mode {lam_mode!r}; known: {', '.join(LAM_MODES)}")
+        if lam_init is not None:
+            check_number("lam_init", lam_init, low=0, strict=True)
+        super().__init__(**kwargs)
         Guard.lookup(outer_guard, "outer_guard")
         if outer_label not in ("dice", "mse"):
             raise ValueError(f"unknown outer_label {outer_label!r}; known: dice, mse")
@@ -156,17 +161,6 @@ class BilevelLearnGN(LearnGN):
         if not check_number("log_lam_min", log_lam_min) < check_number("log_lam_max", log_lam_max):
             raise ValueError(f"need log_lam_min < log_lam_max; got {log_lam_min}, {log_lam_max}")
         self.automatic_optimization = False
-        base = self.gn.lam_schedule.double()  # (K,) reference schedule
-        lam0 = float(base[0]) if lam_init is None else check_number("lam_init", lam_init, low=0, strict=True)
-        self.register_buffer("lam_ratio", schedule_ratio(base).float(), persistent=False)
-        self.lam_net: FourierSchedule | None = None
-        if lam_mode == "scalar":
-            self.bilevel_log_lam = nn.Parameter(torch.tensor([math.log(lam0)]))
-        elif lam_mode == "per_iteration":
-            self.bilevel_log_lam = nn.Parameter((lam0 * schedule_ratio(base)).log().float())
-        else:
-            self.bilevel_log_lam = None
-            self.lam_net = FourierSchedule(lam0 * schedule_ratio(base), n_freq=2, hidden=16)
         self.step_net = (
             FourierSchedule(self.gn.step_schedule.double(), n_freq=2, hidden=16) if learn_step else None
         )
@@ -177,16 +171,22 @@ class BilevelLearnGN(LearnGN):
             load_compatible_weights(
                 self,
                 init_from,
-                ("bilevel_log_lam", "lam_net.", "step_net.", "inner_steps", "log_lam", "log_step"),
+                ("gn.lam.", "step_net.", "inner_steps", "log_step"),
             )
             log.info("initialised BilevelLearnGN weights from %s", init_from)
 
+    def make_lam_schedule(self) -> LambdaSchedule:
+        """``gn.lam`` of kind ``lam_mode`` around the reference schedule, first value ``lam_init`` (default
+        ``lam_start``)."""
+        hp = self.hparams
+        # lam_init given explicitly (also as the float32 lam_start): initialised in float64 from the shape
+        lam0 = float(torch.tensor(float(hp.lam_start))) if hp.lam_init is None else float(hp.lam_init)
+        return LambdaSchedule((hp.lam_start, hp.lam_end), hp.iterations, kind=hp.lam_mode, lam_init=lam0)
+
     # --- hyper-parameters ---------------------------------------------------------------------------------
     def hyper_parameters(self) -> list[nn.Parameter]:
-        """The parameters updated on the hyper split (``log λ`` or the λ / step schedule networks)."""
-        params = (
-            [self.bilevel_log_lam] if self.bilevel_log_lam is not None else list(self.lam_net.parameters())
-        )
+        """The parameters updated on the hyper split (λ's, ``gn.lam``, and the step schedule network)."""
+        params = list(self.gn.lam.parameters())
         if self.step_net is not None:
             params += list(self.step_net.parameters())
         return params
@@ -196,44 +196,22 @@ class BilevelLearnGN(LearnGN):
         hyper = {id(p) for p in self.hyper_parameters()}
         return [p for p in self.parameters() if id(p) not in hyper]
 
-    def lam_values(self) -> torch.Tensor:
-        """λ per GN iteration ``(K,)`` (dimensionless GN weight), differentiable in the hyper-parameters."""
-        if self.lam_net is not None:
-            return self.lam_net.values().float()
-        if self.hparams.lam_mode == "scalar":
-            return self.bilevel_log_lam.exp() * self.lam_ratio
-        return self.bilevel_log_lam.exp()
-
     def step_values(self) -> torch.Tensor | None:
         """GN step sizes α per iteration ``(K,)`` when learned, else None (the fixed schedule)."""
         return None if self.step_net is None else self.step_net.values().float()
 
-    @torch.no_grad()
-    def set_lambda(self, lam: float) -> None:
-        """Rescale the learned λ schedule so that its first-iteration value is ``lam`` (shape kept)."""
-        lam = float(lam)
-        if not (math.isfinite(lam) and lam > 0):
-            raise ValueError(f"λ must be a finite positive number; got {lam}")
-        scale = math.log(lam / float(self.lam_values()[0].detach()))
-        if self.bilevel_log_lam is not None:
-            self.bilevel_log_lam.add_(scale)
-        else:
-            self.lam_net.base.mul_(math.exp(scale))
-
-    @torch.no_grad()
     def clamp_hyper_(self) -> None:
-        """Clamp ``log λ`` to ``[log_lam_min, log_lam_max]``."""
-        if self.bilevel_log_lam is not None:
-            self.bilevel_log_lam.clamp_(self.hparams.log_lam_min, self.hparams.log_lam_max)
+        """Clamp a learned ``log λ`` to ``[log_lam_min, log_lam_max]``
+        (:meth:`~layers.lam_schedule.LambdaSchedule.clamp_`)."""
+        self.gn.lam.clamp_(self.hparams.log_lam_min, self.hparams.log_lam_max)
 
     # --- registration ---------------------------------------------------------------------------------------
-    def run(
-        self, batch: dict[str, Any], lam: torch.Tensor | None = None, step: torch.Tensor | None = None
-    ) -> GNOutput:
-        """K GN iterations with the learned λ (``lam``: ``(K,)`` / ``(K, B)`` override) and step sizes."""
-        lam = self.lam_values() if lam is None else lam
+    def run(self, batch: dict[str, Any], lam: torch.Tensor | None = None, step: torch.Tensor | None = None,
+            **kwargs: Any) -> GNOutput:
+        """K GN iterations with λ from ``gn.lam`` (``lam``: ``(K,)`` / ``(K, B)`` override; ``kwargs``:
+        :meth:`LearnGN.run`'s) and the learned step sizes."""
         step = self.step_values() if step is None else step
-        return super().run(batch, lam=lam, step=step)
+        return super().run(batch, lam=lam, step=step, **kwargs)
 
     # --- hyper batches --------------------------------------------------------------------------------------
     def next_hyper_batch(self) -> dict[str, Any]:

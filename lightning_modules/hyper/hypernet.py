@@ -3,15 +3,16 @@
 :class:`HyperLearnGN` modulates the compact heads with a FiLM MLP of ``log λ``
 (:class:`layers.conditioning.FiLMHeads`, identity at initialisation) and trains with ``log λ`` drawn
 log-uniformly in ``[log λ_min, log λ_max]`` for every batch (plus a fraction of draws exactly at the two
-ends). The GN λ schedule is the reference schedule's shape scaled by the drawn λ: ``λ_t = λ · r_t`` with
-``r_t = λ_t^ref / λ_0^ref``, so λ is the first-iteration value.
+ends). λ itself lives where every LearnGN keeps it, ``gn.lam``, here a ``conditioned``
+:class:`~layers.lam_schedule.LambdaSchedule`: ``λ_t = λ · r_t`` with ``r_t = λ_t^ref / λ_0^ref``, so λ is the
+first-iteration value; this module only feeds its ``log λ`` to the heads as well.
 With ``reg_scaling`` the regularity term of the training loss is weighted by ``λ / lam_start``, so that each
 λ corresponds to a different trade-off (as in HyperMorph, where λ weighs the loss); without it the heads could
 learn to undo λ.
 
 At test time λ is chosen for a dataset by gradient descent on a validation loss over ``log λ``
 (:func:`select_lambda`), cross-checked by a sweep. :func:`resolve_lambda` is the entry point of
-``eval.py --lam <value|auto>``; :func:`apply_lambda` sets λ on LearnGN, BilevelLearnGN or HyperLearnGN models.
+``eval.py --lam <value|auto>``; :func:`apply_lambda` sets λ on any LearnGN model (``LearnGN.set_lambda``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import torch
 from layers.conditioning import FiLMHeads
 from layers.gn import GNOutput
 from layers.heads import CompactHeads
+from layers.lam_schedule import LambdaSchedule
 from lightning_modules.base import check_number
 from lightning_modules.learngn import LearnGN
 
 from .bilevel import load_compatible_weights
-from .objectives import Guard, outer_loss, schedule_ratio
+from .objectives import Guard, outer_loss
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class HyperLearnGN(LearnGN):
         film_hidden, film_depth: size of the conditioning MLP.
         reg_scaling: weight the regularity term of the training loss (``w_reg``) by ``λ / lam_start``.
         lam_eval: λ used by :meth:`register` (validation, ``eval.py``) until :meth:`set_lambda`; default: the
-            geometric mean of the range.
+            geometric mean of the range (``gn.lam.log_lam``, a buffer).
         anneal: cosine-anneal the learning rate to ``0.1 · lr`` over the training steps (the λ draws make the
             gradients noisy; without annealing the last updates favour the last draws).
         init_from: a LearnGN or HyperLearnGN checkpoint whose weights initialise the model (the FiLM MLP stays
@@ -88,31 +90,24 @@ class HyperLearnGN(LearnGN):
     ) -> None:
         if kwargs.get("learn_schedule"):
             raise ValueError("HyperLearnGN takes λ from its conditioning: learn_schedule is not supported")
-        super().__init__(**kwargs)
         lam_min = check_number("lam_min", lam_min, low=0, strict=True)
         if not lam_min < check_number("lam_max", lam_max, low=0, strict=True):
             raise ValueError(f"need 0 < lam_min < lam_max; got {lam_min}, {lam_max}")
+        if lam_eval is not None:
+            check_number("lam_eval", lam_eval, low=0, strict=True)
+        super().__init__(**kwargs)
         if not 0 <= check_number("p_end", p_end) <= 1:
             raise ValueError(f"p_end must be in [0, 1]; got {p_end}")
         film_hidden = check_number("film_hidden", film_hidden, low=1, integer=True)
         film_depth = check_number("film_depth", film_depth, low=1, integer=True)
-        if lam_eval is not None:
-            check_number("lam_eval", lam_eval, low=0, strict=True)
         if reg_scaling and self.hparams.w_reg <= 0:
             log.warning(
                 "HyperLearnGN with w_reg = 0: the training loss does not depend on λ, so the "
                 "conditioned heads may learn to undo λ"
             )
-        log_range = (math.log(lam_min), math.log(lam_max))
-        self.log_lam_range = log_range
-        self.register_buffer(
-            "lam_ratio", schedule_ratio(self.gn.lam_schedule.double()).float(), persistent=False
-        )
-        self.gn.jf = FiLMHeads(self.heads, log_range, film_hidden, film_depth)
-        lam_eval = math.sqrt(lam_min * lam_max) if lam_eval is None else float(lam_eval)
-        self.register_buffer("log_lam_eval", torch.tensor(math.log(lam_eval)))
+        self.gn.jf = FiLMHeads(self.heads, self.gn.lam.log_range, film_hidden, film_depth)
         if init_from:
-            load_compatible_weights(self, init_from, ("gn.jf.film.", "log_lam_eval"), rename=_into_film_heads)
+            load_compatible_weights(self, init_from, ("gn.jf.film.", "gn.lam."), rename=_into_film_heads)
             log.info("initialised HyperLearnGN weights from %s", init_from)
 
     @property
@@ -127,45 +122,32 @@ class HyperLearnGN(LearnGN):
         return self.gn.jf
 
     # --- λ ------------------------------------------------------------------------------------------------
-    def set_lambda(self, lam: float) -> None:
-        """Set the λ used by :meth:`register` (first-iteration GN weight); warns outside the range."""
-        lam = float(lam)
-        if not lam > 0:
-            raise ValueError(f"λ must be > 0; got {lam}")
-        lo, hi = self.log_lam_range
-        if not lo - 1e-9 <= math.log(lam) <= hi + 1e-9:
-            log.warning("λ = %.4g is outside the trained range [%.4g, %.4g]", lam, math.exp(lo), math.exp(hi))
-        self.log_lam_eval.fill_(math.log(lam))
-
-    @property
-    def lam(self) -> float:
-        """The current evaluation λ."""
-        return float(self.log_lam_eval.exp())
+    def make_lam_schedule(self) -> LambdaSchedule:
+        """``gn.lam``: the reference schedule's shape scaled by a set (or per call given) ``log λ``, first value
+        ``lam_eval``, trained range ``[lam_min, lam_max]``."""
+        hp = self.hparams
+        lam_eval = math.sqrt(hp.lam_min * hp.lam_max) if hp.lam_eval is None else float(hp.lam_eval)
+        return LambdaSchedule((hp.lam_start, hp.lam_end), hp.iterations, kind="conditioned", lam_init=lam_eval,
+                              log_range=(math.log(hp.lam_min), math.log(hp.lam_max)))
 
     def sample_log_lam(self) -> torch.Tensor:
         """One ``log λ`` draw ``()``: log-uniform in the range, or an end with probability ``p_end``."""
-        lo, hi = self.log_lam_range
+        lo, hi = self.gn.lam.log_range
         r = torch.rand(2, device=self.device)
         if float(r[0]) < self.hparams.p_end:
             return torch.tensor(lo if float(r[1]) < 0.5 else hi, device=self.device)
         return lo + (hi - lo) * r[1]
 
-    def run(
-        self,
-        batch: dict[str, Any],
-        lam: torch.Tensor | None = None,
-        log_lam: torch.Tensor | float | None = None,
-    ) -> GNOutput:
-        """K GN iterations conditioned on ``log λ`` (``()`` or ``(B,)``; default the evaluation λ).
+    def run(self, batch: dict[str, Any], lam: torch.Tensor | None = None, step: torch.Tensor | None = None, *,
+            log_lam: torch.Tensor | float | None = None, **kwargs: Any) -> GNOutput:
+        """K GN iterations with the heads conditioned on ``log λ`` (``()`` or ``(B,)``; default ``gn.lam``'s).
 
-        The GN schedule is ``exp(log λ) · r_t`` unless ``lam`` (``(K,)`` / ``(K, B)``) overrides it.
+        The GN schedule is ``gn.lam.values(log λ) = exp(log λ) · r_t`` unless ``lam`` (``(K,)`` / ``(K, B)``)
+        overrides it (:meth:`LearnGN.run`).
         """
-        log_lam = self.log_lam_eval if log_lam is None else torch.as_tensor(log_lam, device=self.device)
-        if lam is None:
-            ratio = self.lam_ratio.to(log_lam.device)
-            lam = log_lam.exp() * ratio if log_lam.dim() == 0 else ratio[:, None] * log_lam.exp()[None, :]
+        log_lam = self.gn.lam.log_lam if log_lam is None else torch.as_tensor(log_lam, device=self.device)
         with self.film_heads.condition(log_lam):
-            return super().run(batch, lam=lam)
+            return super().run(batch, lam=lam, step=step, log_lam=log_lam, **kwargs)
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.run(batch).disp
@@ -201,26 +183,14 @@ class HyperLearnGN(LearnGN):
 
 
 def current_lambda(model: LearnGN) -> float:
-    """The first-iteration λ a LearnGN / BilevelLearnGN / HyperLearnGN model registers with."""
-    if isinstance(model, HyperLearnGN):
-        return model.lam
-    return float(model.lam_values()[0].detach())
-
-
-def _ratio(model: LearnGN) -> torch.Tensor:
-    """Shape ``r_t`` ``(K,)`` of the model's current λ schedule."""
-    if isinstance(model, HyperLearnGN):
-        return model.lam_ratio
-    return schedule_ratio(model.lam_values().detach())
+    """The first-iteration λ any LearnGN model registers with (``gn.lam``)."""
+    return model.gn.lam.first()
 
 
 def run_with_log_lam(model: LearnGN, batch: dict[str, Any], log_lam: torch.Tensor) -> torch.Tensor:
     """Full-resolution field ``(B, n, *S)`` of ``model`` with first-iteration λ = ``exp(log_lam)`` (``()``),
     the schedule shape kept; differentiable in ``log_lam``."""
-    if isinstance(model, HyperLearnGN):
-        return model.run(batch, log_lam=log_lam).disp
-    lam = log_lam.exp() * _ratio(model).to(log_lam.device)
-    return model.run(batch, lam=lam).disp
+    return model.run(batch, log_lam=log_lam).disp
 
 
 @torch.no_grad()
@@ -294,7 +264,8 @@ def select_lambda(
     Args:
         model: a LearnGN, BilevelLearnGN or HyperLearnGN (weights frozen here; λ keeps its schedule shape).
         dataloader: validation batches (the first ``max_batches`` are used, on the model's device).
-        lam_range: ``(λ_min, λ_max)``; default: a HyperLearnGN's range, else 1/30 .. 30 × the current λ.
+        lam_range: ``(λ_min, λ_max)``; default: ``gn.lam``'s trained range (a HyperLearnGN's), else 1/30 .. 30 ×
+            the current λ.
         objective: ``(batch, u (B, n, *S)) -> scalar`` to minimise; default the outer loss of
             :func:`~lightning_modules.hyper.objectives.outer_loss` (label term + regularity guard) with the
             following arguments.
@@ -318,11 +289,8 @@ def select_lambda(
     if not cached:
         raise ValueError("select_lambda needs at least one validation batch")
     if lam_range is None:
-        if isinstance(model, HyperLearnGN):
-            lo, hi = model.log_lam_range
-        else:
-            lam0 = current_lambda(model)
-            lo, hi = math.log(lam0 / 30), math.log(lam0 * 30)
+        lam0 = current_lambda(model)
+        lo, hi = model.gn.lam.log_range or (math.log(lam0 / 30), math.log(lam0 * 30))
     else:
         lo, hi = math.log(lam_range[0]), math.log(lam_range[1])
 

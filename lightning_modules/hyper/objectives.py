@@ -17,7 +17,7 @@ from layers.enums import StrEnum
 from lightning_modules.losses import keypoint_loss, label_loss, regularity_loss
 from lightning_modules.metrics import batch_label_ids
 
-__all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard", "schedule_ratio"]
+__all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard"]
 
 class Guard(StrEnum):
     """The regularity guard of the outer loss (:func:`regularity_guard`)."""
@@ -104,11 +104,6 @@ def outer_loss(
     if guard != "none" and w_guard > 0:
         terms["guard"] = w_guard * regularity_guard(u, guard, guard_margin)
     return terms
-
-
-def schedule_ratio(schedule: torch.Tensor) -> torch.Tensor:
-    """The shape ``r_t = λ_t / λ_0`` ``(K,)`` of a λ schedule ``(K,)`` (dimensionless, ``r_0 = 1``)."""
-    return schedule / schedule[:1]
 
 
 def cycle(make_iterable: Any) -> Iterator[Any]:

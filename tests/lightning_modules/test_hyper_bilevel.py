@@ -111,7 +111,7 @@ def test_splits_optimisers_and_checkpoint(tmp_path):
     )
     model = BilevelLearnGN(hyper_warmup=1, hyper_every=2, hyper_lr=0.1, **{**GN, "iterations": 2})
     heads0 = [p.detach().clone() for p in model.network_parameters()]
-    lam0 = model.bilevel_log_lam.detach().clone()
+    lam0 = model.gn.lam.log_lam.detach().clone()
     calls = {"hyper": 0}
     orig = model.next_hyper_batch
 
@@ -124,15 +124,15 @@ def test_splits_optimisers_and_checkpoint(tmp_path):
     trainer.fit(model, datamodule=dm)
     assert int(model.inner_steps) == 5
     assert calls["hyper"] == 2  # 1 warm-up step, then every 2nd: after inner steps 3 and 5
-    assert not torch.equal(model.bilevel_log_lam.detach(), lam0)
+    assert not torch.equal(model.gn.lam.log_lam.detach(), lam0)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(heads0, model.network_parameters()))
     ckpt = tmp_path / "bilevel.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert "bilevel_log_lam" in state["state_dict"] and int(state["state_dict"]["inner_steps"]) == 5
+    assert "gn.lam.log_lam" in state["state_dict"] and int(state["state_dict"]["inner_steps"]) == 5
     assert len(state["optimizer_states"]) == 2
     loaded = BilevelLearnGN.load_from_checkpoint(ckpt, map_location="cpu")
-    torch.testing.assert_close(loaded.bilevel_log_lam, model.bilevel_log_lam)
+    torch.testing.assert_close(loaded.gn.lam.log_lam, model.gn.lam.log_lam)
     # λ only (no network training): the heads stay, λ moves
     frozen = BilevelLearnGN(train_network=False, **{**GN, "iterations": 2})
     heads1 = [p.detach().clone() for p in frozen.network_parameters()]
@@ -271,6 +271,6 @@ def test_fourier_lambda_and_step_schedules_are_learned_on_the_hyper_split():
     _trainer(1).fit(model, train_dataloaders=_tune)
     assert not torch.equal(model.lam_values().detach(), lam0)
     assert not torch.equal(model.step_values().detach(), step0)
-    assert len(model.hyper_parameters()) == len(list(model.lam_net.parameters())) + len(
+    assert len(model.hyper_parameters()) == len(list(model.gn.lam.net.parameters())) + len(
         list(model.step_net.parameters())
     )

@@ -115,7 +115,7 @@ def test_untrained_hypernet_equals_learngn_at_every_lambda(data):
 def test_lambda_draws_cover_the_range_and_its_ends():
     torch.manual_seed(0)
     model = HyperLearnGN(p_end=0.2, **RANGE, **GN)
-    lo, hi = model.log_lam_range
+    lo, hi = model.gn.lam.log_range
     draws = torch.stack([model.sample_log_lam() for _ in range(2000)])
     assert float(draws.min()) >= lo - 1e-6 and float(draws.max()) <= hi + 1e-6
     at_ends = ((draws - lo).abs() < 1e-6) | ((draws - hi).abs() < 1e-6)
