@@ -52,7 +52,7 @@ demo: $(STAMP)
 	@echo "figures: $(DEMO)/<method>/figures/*.png; per-pair results: $(DEMO)/<method>/pairs.csv"
 
 bench: $(STAMP)
-	$(PY) benchmarks/gn_layer.py
+	$(PY) -m benchmarks.gn_layer
 
 gpu-check:
 	PYTHON="$(PYTHON)" bash benchmarks/gpu_check.sh

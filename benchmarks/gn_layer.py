@@ -19,8 +19,8 @@ amplitude ``exp(0.5·a)`` (``a`` an equally smoothed, normalised noise field: ed
 data term, ``H``'s diagonal spans about 200× between its 1st and 99th percentiles);
 ``H = Σ_c J_cᵀ J_c``, ``b = −Σ_c J_cᵀ f_c`` with ``f`` smoothed noise; ``λ = 3 · median(diag H)``.
 
-Run ``python benchmarks/gn_layer.py`` (``--help`` for options); library code does not print, this script
-reports on stdout and writes the markdown file.
+Run ``python -m benchmarks.gn_layer`` from the repository root (``--help`` for options); library code does not
+print, this script reports on stdout and writes the markdown file.
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from layers.cupy_backend import cupy_available  # noqa: E402
 from layers.gn_solve import gn_solve  # noqa: E402
@@ -160,10 +158,10 @@ def cpu_memory(grid: tuple[int, ...], threads: int) -> dict | None:
     if not (Path("/proc/self/clear_refs").exists() and Path("/proc/self/status").exists()):
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", "x".join(map(str, grid)),
+    cmd = [sys.executable, "-m", "benchmarks.gn_layer", "--memory-probe", "x".join(map(str, grid)),
            "--threads", str(threads)]
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=900)
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True, timeout=900)
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError) as err:
         logging.getLogger(__name__).warning("memory probe failed for %s: %s", grid, err)
@@ -376,7 +374,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     load_after = os.getloadavg()[0]
-    command = "python benchmarks/gn_layer.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.gn_layer " + " ".join(argv if argv is not None else sys.argv[1:])
     write_markdown(args.out, rows, machine_info(device, args.threads), command.strip(), device, load_before,
                    load_after, args.repeats)
     print(f"wrote {args.out}")

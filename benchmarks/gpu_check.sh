@@ -245,11 +245,11 @@ step_platform() {
 # ------------------------------------------------------------------------------------------------ 4. GN layer
 step_gn_layer() {
     say "== GN layer benchmark"
-    md "## GN solve (\`benchmarks/gn_layer.py --device cuda\`, every backend)" ""
+    md "## GN solve (\`python -m benchmarks.gn_layer --device cuda\`, every backend)" ""
     if [ "$HAVE_CUDA" = 0 ]; then
         md "- no CUDA: not run" ""
     else
-        bounded 170 "$PYTHON" benchmarks/gn_layer.py --device cuda --out "$WORK/gn_layer_gpu.md"
+        bounded 170 "$PYTHON" -m benchmarks.gn_layer --device cuda --out "$WORK/gn_layer_gpu.md"
         rc=$?
         cp "$WORK/last.out" "$WORK/gn_layer_gpu.log"
         md "- status: $(status_word $rc)" ""
@@ -350,11 +350,11 @@ EOF
 step_train_step() {
     if [ -f benchmarks/train_step.py ]; then
         say "== training-step benchmark"
-        md "## Training step (\`benchmarks/train_step.py --device cuda\`)" ""
+        md "## Training step (\`python -m benchmarks.train_step --device cuda\`)" ""
         if [ "$HAVE_CUDA" = 0 ]; then
             md "- no CUDA: not run" ""
         else
-            bounded 150 "$PYTHON" benchmarks/train_step.py --device cuda --out "$WORK/train_step_gpu.md"
+            bounded 150 "$PYTHON" -m benchmarks.train_step --device cuda --out "$WORK/train_step_gpu.md"
             rc=$?
             md "- status: $(status_word $rc)" ""
             if [ -f "$WORK/train_step_gpu.md" ]; then

@@ -1,7 +1,7 @@
 """Time and memory of one LearnGN 3D training step on a BrainPair volume, with a profile by stage.
 
-    python benchmarks/train_step.py --device cuda --out benchmarks/results/train_step_gpu.md
-    python benchmarks/train_step.py --device cpu --size 80 96 112 --repeats 1 --out benchmarks/results/train_step_cpu.md
+    python -m benchmarks.train_step --device cuda --out benchmarks/results/train_step_gpu.md
+    python -m benchmarks.train_step --device cpu --size 80 96 112 --repeats 1 --out benchmarks/results/train_step_cpu.md
 
 The model: ``LearnGN(spatial_dims=3, features="mind", iterations=10, stride=4, hidden=h, label_loss="dice",
 w_label=1, w_reg=1)`` with ``label_ids`` the non-zero labels present in the pair, per ``--hidden`` value and per
@@ -63,8 +63,6 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import layers.gn as gn_module  # noqa: E402
 from lightning_modules.learngn import LearnGN  # noqa: E402
@@ -429,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     out = a.out or REPO / "benchmarks" / "results" / f"train_step_{device.type}.md"
-    command = "python benchmarks/train_step.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.train_step " + shlex.join(argv if argv is not None else sys.argv[1:])
     train_step_benchmark(device, tuple(a.size), a.hidden, a.variants, a.repeats, out, command, a.budget)
 
 
