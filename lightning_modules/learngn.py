@@ -19,12 +19,12 @@ from layers.enums import LabelLoss
 from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
 from layers.lam_schedule import LambdaSchedule
+from layers.losses import keypoint_loss, label_loss, mind_loss, regularity_loss
 from layers.semantic import SemanticNet, semantic_loss, semantic_targets
 
 from .base import RegistrationModule
 from .checkpoint import CheckpointError, load_checkpoint, rename_legacy_keys, require_state_dict
 from .features import FeatureKind, batch_features
-from .losses import keypoint_loss, label_loss, mind_loss, regularity_loss
 from .masks import batch_masks
 from .metrics import batch_label_ids, dice_per_label
 

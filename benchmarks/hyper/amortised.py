@@ -111,8 +111,8 @@ def bench_amortised(args: argparse.Namespace) -> dict:
 
 def smoothness(model: Any, test: list[dict], lam: float) -> dict[str, float]:
     """Diffusion of the field (voxel², lower = smoother) and the metrics of ``model`` at first-iteration λ."""
+    from layers.losses import regularity_loss
     from lightning_modules.hyper.hypernet import run_with_log_lam
-    from lightning_modules.losses import regularity_loss
 
     diffs, records = [], []
     model.eval()

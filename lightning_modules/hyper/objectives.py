@@ -14,7 +14,7 @@ import torch
 
 from layers.diff import jacobian_determinant
 from layers.enums import StrEnum
-from lightning_modules.losses import keypoint_loss, label_loss, regularity_loss
+from layers.losses import keypoint_loss, label_loss, regularity_loss
 from lightning_modules.metrics import batch_label_ids
 
 __all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard"]
@@ -22,7 +22,7 @@ __all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regular
 class Guard(StrEnum):
     """The regularity guard of the outer loss (:func:`regularity_guard`)."""
 
-    DIFFUSION = "diffusion"  #: :func:`lightning_modules.losses.regularity_loss`
+    DIFFUSION = "diffusion"  #: :func:`layers.losses.regularity_loss`
     NEGJAC = "negjac"  #: :func:`negative_jacobian_penalty`
     NONE = "none"  #: no guard
 
@@ -43,7 +43,7 @@ def negative_jacobian_penalty(u: torch.Tensor, margin: float = 0.0) -> torch.Ten
 
 def regularity_guard(u: torch.Tensor, kind: str = "diffusion", margin: float = 0.0) -> torch.Tensor:
     """The regularity guard of the outer loss: ``"diffusion"``
-    (:func:`lightning_modules.losses.regularity_loss`, voxel² per voxel²), ``"negjac"``
+    (:func:`layers.losses.regularity_loss`, voxel² per voxel²), ``"negjac"``
     (:func:`negative_jacobian_penalty`) or ``"none"`` (zero); scalar."""
     kind = Guard.lookup(kind, "guard")
     if kind == Guard.DIFFUSION:
@@ -73,7 +73,7 @@ def outer_loss(
         label_ids: labels of the label term (default: :func:`lightning_modules.metrics.batch_label_ids`, the
             non-zero labels of ``batch["label_ids"]`` or of the fixed label map).
         label_kind: ``"dice"`` (1 − soft Dice) or ``"mse"`` (class-weighted), see
-            :func:`lightning_modules.losses.label_loss`.
+            :func:`layers.losses.label_loss`.
         w_label, w_keypoint: weights of the label term (dimensionless) and of the keypoint distance (mm).
         guard, w_guard, guard_margin: the regularity guard (:func:`regularity_guard`) and its weight.
 

@@ -23,6 +23,7 @@ import torch
 from layers.enums import StrEnum
 from layers.features import mind_ssc
 from layers.grid import pool_to_grid, upsample_field
+from layers.losses import keypoint_loss, label_loss
 from layers.optim import (
     FourierSchedule,
     ValuesLR,
@@ -34,7 +35,6 @@ from layers.optim import (
 from lightning_modules.base import RegistrationModule
 from lightning_modules.baselines import check_pair, renamed_options
 from lightning_modules.checkpoint import CheckpointError, load_checkpoint
-from lightning_modules.losses import keypoint_loss, label_loss
 from lightning_modules.metrics import batch_label_ids
 
 from .objectives import outer_loss

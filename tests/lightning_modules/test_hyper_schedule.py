@@ -13,6 +13,7 @@ from data.collate import collate_pairs
 from data.synthetic import SyntheticPairs
 from layers.features import mind_ssc
 from layers.grid import pool_to_grid, upsample_field
+from layers.losses import keypoint_loss
 from layers.optim import (
     FourierSchedule,
     PiecewiseLR,
@@ -24,7 +25,6 @@ from layers.optim import (
 )
 from lightning_modules.baselines import AdamIO
 from lightning_modules.hyper.schedule import ScheduleMetaLearner, adam_settings, load_schedule, save_schedule
-from lightning_modules.losses import keypoint_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

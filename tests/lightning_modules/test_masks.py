@@ -9,10 +9,10 @@ import torch
 
 from data.collate import collate_pairs
 from data.synthetic import SyntheticPairs
+from layers.losses import mind_loss
 from layers.optim import FeatureMSE, ImageLNCC
 from lightning_modules.baselines import AdamIO, ConvexAdam, HandcraftedGN
 from lightning_modules.learngn import LearnGN
-from lightning_modules.losses import mind_loss
 
 SHAPE = (32, 32)
 

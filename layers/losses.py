@@ -9,9 +9,11 @@ from collections.abc import Sequence
 
 import torch
 
-from layers import diffusion, mind_ssc, warp_image, warp_keypoints, warp_onehot
-from layers.enums import LabelLoss
-from layers.masks import masked_mean, similarity_weight
+from .diff import diffusion
+from .enums import LabelLoss
+from .features import mind_ssc
+from .masks import masked_mean, similarity_weight
+from .warp import warp_image, warp_keypoints, warp_onehot
 
 __all__ = ["class_weights", "keypoint_loss", "label_loss", "mind_loss", "onehot_of", "regularity_loss"]
 
