@@ -115,9 +115,6 @@ class LearnGN(RegistrationModule):
         semantic_lr: Adam learning rate of the semantic network (None: ``lr``).
         semantic_warmup: epochs at the start that train the semantic network alone (the registration is not
             run in those training steps; the registration heads and weights do not change).
-        semantic_freeze: after the warm-up, freeze the semantic network (its maps are computed without
-            gradients and its own loss is no longer applied): the end-to-end phase trains the registration
-            heads and the semantic channels' weights on a fixed segmentation network.
         semantic_weight_init: initial data-term weight of the semantic channels.
         w_semantic: weight of the semantic regression loss (mean squared error of the maps, in mm).
         weight_lr: Adam learning rate of the semantic channels' data-term weights.
@@ -167,7 +164,6 @@ class LearnGN(RegistrationModule):
         semantic_widths: list[int] | None = None,
         semantic_lr: float | None = None,
         semantic_warmup: int = 0,
-        semantic_freeze: bool = False,
         semantic_weight_init: float = 0.0,
         w_semantic: float = 1.0,
         weight_lr: float = 0.01,
@@ -374,10 +370,8 @@ class LearnGN(RegistrationModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         semantic = self.semantic_net is not None
         warmup = semantic and self.current_epoch < self.hparams.semantic_warmup
-        frozen = semantic and not warmup and self.hparams.get("semantic_freeze", False)
         # the semantic maps are computed once per step, for the registration and for their own loss
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            maps = self.semantic_maps(batch) if semantic else None
+        maps = self.semantic_maps(batch) if semantic else None
         if warmup:
             terms = {}
             bsz = batch["fixed"].shape[0]
@@ -385,7 +379,7 @@ class LearnGN(RegistrationModule):
             u = self.register(batch) if maps is None else self.run(batch, maps=maps).disp
             terms = self.loss_terms(batch, u)
             bsz = u.shape[0]
-        if semantic and not frozen and self.hparams.w_semantic > 0:
+        if semantic and self.hparams.w_semantic > 0:
             terms["semantic"] = self.semantic_term(batch, maps)
         loss = torch.stack(list(terms.values())).sum()
         if self.semantic_weight is not None:
