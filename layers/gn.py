@@ -247,11 +247,6 @@ class GNRegistration(nn.Module):
         self.lam = lam
         self.solver = dict(solver or {})
 
-    @property
-    def lam_schedule(self) -> torch.Tensor:
-        """The values ``(K,)`` of :attr:`lam`, detached (read-only, for callers that only read the numbers)."""
-        return self.lam.values().detach()
-
     def forward(
         self,
         fixed: torch.Tensor,

@@ -33,7 +33,7 @@ def hypergrad_check() -> dict[str, Any]:
     ]
     fixed = warp_image(moving, truth)
     gn = GNRegistration(4, 4, lam=(0.1, 0.02), solver={"rtol": 1e-12, "maxiter": 5000, "eps": 0.0})
-    base = gn.lam_schedule.double()
+    base = gn.lam.values().detach().double()
     w = torch.randn(1, 2, *shape, generator=g, dtype=torch.float64)
 
     def outer(log_lam: torch.Tensor) -> torch.Tensor:

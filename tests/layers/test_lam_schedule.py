@@ -81,7 +81,7 @@ def test_gn_registration_reads_lambda_from_its_schedule():
     torch.testing.assert_close(u, gn(fixed, moving, lam=sched.values().detach()).disp, rtol=0, atol=0)
     u.pow(2).sum().backward()
     assert sched.log_lam.grad is not None and sched.log_lam.grad.abs().sum() > 0
-    torch.testing.assert_close(GNRegistration(iterations=3, lam=(0.5, 0.1)).lam_schedule,
+    torch.testing.assert_close(GNRegistration(iterations=3, lam=(0.5, 0.1)).lam.values(),
                                torch.tensor(geometric_schedule(0.5, 0.1, 3)))
     with pytest.raises(ValueError, match="iterations"):
         GNRegistration(iterations=4, lam=sched)

@@ -100,8 +100,9 @@ def test_untrained_hypernet_equals_learngn_at_every_lambda(data):
     for lam in (3e-4, 3e-3, 3e-2):
         ref = LearnGN(**{**GN, "lam_start": lam, "lam_end": lam / 2}).double()
         model.run(batch, log_lam=math.log(lam))
-        torch.testing.assert_close(seen["lam"], ref.gn.lam_schedule, rtol=(abs(math.log(lam)) + 4) * 2**-24, atol=0)
-        u = model.run(batch, lam=ref.gn.lam_schedule, log_lam=math.log(lam)).disp
+        torch.testing.assert_close(seen["lam"], ref.gn.lam.values().detach(), rtol=(abs(math.log(lam)) + 4) * 2**-24,
+                                   atol=0)
+        u = model.run(batch, lam=ref.gn.lam.values().detach(), log_lam=math.log(lam)).disp
         assert u.dtype == torch.float64
         torch.testing.assert_close(u, ref.register(batch), rtol=0, atol=1e-9)
     # one λ per batch item equals the items run separately (float64: the same numbers up to rounding)
@@ -193,7 +194,8 @@ def test_resolve_lambda(data, tmp_path):
     plain = LearnGN(**GN)
     assert resolve_lambda(plain, 0.01) == pytest.approx(0.01, rel=1e-6)
     torch.testing.assert_close(
-        plain.gn.lam_schedule / plain.gn.lam_schedule[0], LearnGN(**GN).gn.lam_schedule / GN["lam_start"]
+        plain.gn.lam.values().detach() / plain.gn.lam.values().detach()[0],
+        LearnGN(**GN).gn.lam.values().detach() / GN["lam_start"],
     )
     apply_lambda(plain, 0.003)
     assert current_lambda(plain) == pytest.approx(0.003, rel=1e-6)
@@ -228,7 +230,7 @@ def test_lam_override_reaches_the_registration_of_every_variant(data, variant):
         resolve_lambda(model, 4 * current_lambda(model))
         after = model.register(batch)
         if variant != "hyper":
-            schedule = LearnGN(**GN).gn.lam_schedule.double() * 4
+            schedule = LearnGN(**GN).gn.lam.values().detach().double() * 4
             torch.testing.assert_close(model.lam_values().double(), schedule)
             torch.testing.assert_close(after, model.run(batch, lam=schedule).disp)
     assert (after - before).abs().max() > 1e-3
