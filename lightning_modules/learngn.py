@@ -25,8 +25,9 @@ from layers.semantic import SemanticNet, semantic_loss, semantic_targets
 from .base import RegistrationModule
 from .checkpoint import CheckpointError, load_checkpoint, rename_legacy_keys, require_state_dict
 from .features import FeatureKind, batch_features
+from .labels import batch_label_ids
 from .masks import batch_masks
-from .metrics import batch_label_ids, dice_per_label
+from .metrics import dice_per_label
 
 log = logging.getLogger(__name__)
 

@@ -37,16 +37,18 @@ Definitions and the choices made here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torchmetrics import Metric
 
 from layers.diff import jacobian_determinant
 from layers.grid import check_field
 from layers.warp import warp_keypoints, warp_labels
+
+from .hausdorff import hd95_per_label
+from .labels import batch_label_ids, check_label_map, check_label_pair, label_id_list, same_shape, spacing_tensor
 
 __all__ = [
     "METRIC_NAMES",
@@ -65,86 +67,6 @@ __all__ = [
 METRIC_NAMES: tuple[str, ...] = ("dice", "dice30", "hd95", "tre", "sdlogj", "sdlogj_l2r", "folding")
 
 _NAN = float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------
-def _check_labels(x: torch.Tensor, name: str) -> None:
-    if x.dim() not in (4, 5) or x.shape[1] != 1:
-        raise ValueError(f"{name} must be an integer label map (B, 1, *S); got shape {tuple(x.shape)}")
-    if x.is_floating_point() or x.is_complex():
-        raise ValueError(f"{name} must be an integer label map; got dtype {x.dtype}")
-
-
-def label_id_list(label_ids: torch.Tensor | Iterable[int]) -> list[int]:
-    """Label ids ``(L,)`` (a 1-D tensor or a sequence) as a list of ints, background (0) and the ``-1`` padding
-    of ragged batch rows removed, order kept, duplicates dropped."""
-    if isinstance(label_ids, torch.Tensor):
-        if label_ids.dim() > 1:
-            raise ValueError(f"label_ids must be 1-D here; got shape {tuple(label_ids.shape)}")
-        label_ids = label_ids.tolist()
-    out: list[int] = []
-    for k in label_ids:
-        k = int(k)
-        if k > 0 and k not in out:
-            out.append(k)
-    return out
-
-
-def batch_label_ids(
-    batch: Mapping[str, Any], *, maps: Sequence[str] = ("fixed_label",), per_pair: bool = False
-) -> list[int] | list[list[int]]:
-    """The labels to evaluate (or encode, or supervise) for a batch: the one place that reads ``label_ids``.
-
-    Args:
-        batch: a batch dict (``data/batch.py``): ``label_ids`` ``(L,)`` or ``(B, L)`` (rows of different
-            lengths padded with ``-1`` by the collate function), a tensor or a sequence; optional.
-        maps: the label maps ``(B, 1, *S)`` whose non-zero labels are used when the batch has no ``label_ids``.
-        per_pair: with a ``(B, L)`` ``label_ids`` whose rows differ, return one list per pair instead of
-            the first row's.
-
-    Returns:
-        the label ids as ints, background (0) removed, order kept, duplicates dropped
-        (:func:`label_id_list`); with ``per_pair`` and rows that differ, one such list per pair.
-    """
-    ids = batch.get("label_ids")
-    if ids is None:
-        return label_id_list(torch.unique(torch.cat([batch[m].flatten() for m in maps])))
-    ids = torch.as_tensor(ids)
-    if ids.dim() == 2:
-        if not per_pair or all(torch.equal(ids[0], row) for row in ids):
-            return label_id_list(ids[0])
-        return [label_id_list(row) for row in ids]
-    return label_id_list(ids)
-
-
-def _spacing(spacing: Any, batch: int, n: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Spacing ``None`` / ``(n,)`` / ``(1, n)`` / ``(B, n)`` -> ``(B, n)`` tensor (mm per voxel)."""
-    if spacing is None:
-        return torch.ones(batch, n, dtype=dtype, device=device)
-    sp = torch.as_tensor(spacing, dtype=dtype, device=device)
-    if sp.dim() == 1 and sp.shape[0] == n:
-        return sp.expand(batch, n)
-    if sp.dim() == 2 and sp.shape[1] == n and sp.shape[0] in (1, batch):
-        return sp.expand(batch, n)
-    raise ValueError(f"spacing must have shape ({n},) or ({batch}, {n}); got {tuple(sp.shape)}")
-
-
-def _same_shape(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{na} {tuple(a.shape)} and {nb} {tuple(b.shape)} must have the same shape")
-
-
-def _check_label_pair(
-    warped_label: torch.Tensor, fixed_label: torch.Tensor, label_ids: torch.Tensor | Iterable[int]
-) -> list[int]:
-    """Check a warped and a fixed label map ``(B, 1, *S)`` (integer, same shape); the label ids as a list
-    (:func:`label_id_list`)."""
-    _check_labels(warped_label, "warped_label")
-    _check_labels(fixed_label, "fixed_label")
-    _same_shape(warped_label, fixed_label, "warped_label", "fixed_label")
-    return label_id_list(label_ids)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,14 +91,14 @@ def dice_per_label(
         ``(B, L)`` float64 on ``fixed_label``'s device: Dice in ``[0, 1]``, NaN where the label is absent
         from the fixed map or from the moving map.
     """
-    ids = _check_label_pair(warped_label, fixed_label, label_ids)
+    ids = check_label_pair(warped_label, fixed_label, label_ids)
     bsz = fixed_label.shape[0]
     device = fixed_label.device
     w = warped_label.to(device).reshape(bsz, -1).long()
     f = fixed_label.reshape(bsz, -1).long()
     ref = w
     if moving_label is not None:
-        _check_labels(moving_label, "moving_label")
+        check_label_map(moving_label, "moving_label")
         if moving_label.shape[0] != bsz:
             raise ValueError(f"moving_label has batch {moving_label.shape[0]}, fixed_label {bsz}")
         ref = moving_label.to(device).reshape(bsz, -1).long()
@@ -220,131 +142,6 @@ def dice30(per_label: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _edge_mask(labels: np.ndarray) -> np.ndarray:
-    """Edge voxels of every label at once: ``(*S)`` bool, True where a voxel has a face neighbour with another
-    label or lies on the image border. The edge voxels of label ``k`` are ``edge & (labels == k)``: exactly
-    ``mask ^ binary_erosion(mask)`` of ``mask = labels == k`` (face connectivity, outside the image = not in
-    the mask), the edges MONAI's surface distances use."""
-    edge = np.zeros(labels.shape, dtype=bool)
-    for axis in range(labels.ndim):
-        lo = [slice(None)] * labels.ndim
-        hi = [slice(None)] * labels.ndim
-        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-        differs = labels[tuple(lo)] != labels[tuple(hi)]
-        edge[tuple(lo)] |= differs
-        edge[tuple(hi)] |= differs
-        first, last = [slice(None)] * labels.ndim, [slice(None)] * labels.ndim
-        first[axis], last[axis] = 0, -1
-        edge[tuple(first)] = True
-        edge[tuple(last)] = True
-    return edge
-
-
-def _edge_groups(labels: np.ndarray, edge: np.ndarray, ids: Sequence[int]) -> dict[int, np.ndarray]:
-    """The flat indices (ascending, int64) of the edge voxels ``edge`` ``(*S)`` bool of each label in ``ids``
-    of the map ``labels`` ``(*S)`` integer, from one sort of the edge voxels: ``{k: (N_k,)}``; a label absent
-    from the map has no entry (a label present has at least one edge voxel)."""
-    flat = np.flatnonzero(edge)
-    values = labels.reshape(-1)[flat]
-    order = np.argsort(values, kind="stable")
-    flat, values = flat[order], values[order]
-    wanted = np.asarray(ids, dtype=values.dtype)
-    starts, ends = np.searchsorted(values, wanted, "left"), np.searchsorted(values, wanted, "right")
-    return {k: flat[a:b] for k, a, b in zip(ids, starts.tolist(), ends.tolist()) if b > a}
-
-
-def _present(labels: torch.Tensor) -> set[int]:
-    """The values of an integer map ``(*S)`` (a histogram when their range is small, else a sort)."""
-    lo, hi = int(labels.min()), int(labels.max())
-    if hi - lo > 1 << 24:
-        return set(torch.unique(labels).tolist())
-    return set((torch.bincount((labels.reshape(-1) - lo).long()).nonzero()[:, 0] + lo).tolist())
-
-
-def _quantile(values: np.ndarray, percentile: float) -> float:
-    """``torch.quantile(torch.from_numpy(values), percentile / 100)`` of float32 ``values`` ``(N,)``, N >= 1
-    (linear interpolation, the rank and weight in float32 as torch computes them), from a partial sort
-    (``numpy.partition``, O(N)) instead of a full one; the maximum when ``percentile`` is 0 (MONAI's rule)."""
-    if not percentile:
-        return float(values.max())
-    rank = torch.tensor(percentile / 100, dtype=torch.float32) * (values.size - 1)
-    lo, hi = int(rank.long()), int(rank.ceil().long())
-    part = np.partition(values, [lo, hi] if hi != lo else lo)
-    return float(torch.lerp(torch.tensor(part[lo]), torch.tensor(part[hi]), rank - lo))
-
-
-def _directed_distances(source: np.ndarray, on_target: np.ndarray, tree: Any, workers: int) -> np.ndarray:
-    """Distances ``(N,)`` float32 from the points ``source`` ``(N, n)`` (mm) to the nearest point of ``tree``
-    (a KD-tree of the target points; exact Euclidean); ``on_target`` ``(N,)`` bool marks the source points
-    that are target points themselves (distance 0, not queried)."""
-    dist = np.zeros(len(source), dtype=np.float64)
-    query = ~on_target
-    if query.any():
-        points = source[query]
-        dist[query] = tree.query(points, k=1, workers=workers if len(points) > 20000 else 1)[0]
-    return dist.astype(np.float32)
-
-
-def hd95_per_label(
-    warped_label: torch.Tensor,
-    fixed_label: torch.Tensor,
-    label_ids: torch.Tensor | Sequence[int],
-    spacing: torch.Tensor | Sequence[float] | None = None,
-    moving_label: torch.Tensor | None = None,
-    percentile: float = 95.0,
-) -> torch.Tensor:
-    """Symmetric percentile Hausdorff distance per label, in mm.
-
-    The edge voxels of every label are found in one pass over each map (:func:`_edge_mask`: voxels with a
-    face neighbour outside the label, image border included), and the directed distances between the two
-    edge sets come from a KD-tree (exact Euclidean, in mm): the values of MONAI's
-    ``compute_hausdorff_distance(..., include_background=True, percentile=percentile, spacing=spacing)``
-    (distances rounded to float32, linear-interpolated percentile), without its per-label passes over the
-    volume.
-
-    Args:
-        warped_label: ``(B, 1, *S)`` integer, the moving label map warped onto the fixed grid.
-        fixed_label: ``(B, 1, *S)`` integer.
-        label_ids: ``(L,)`` the labels to evaluate (0 is dropped).
-        spacing: the fixed image spacing, ``(n,)`` or ``(B, n)`` mm per voxel (``None``: 1, i.e. voxels).
-        moving_label: optional ``(B, 1, *S_m)`` unwarped moving map; a label absent from it is NaN.
-        percentile: the percentile of each directed surface distance (95; 0 = the maximum).
-
-    Returns:
-        ``(B, L)`` float64 on ``fixed_label``'s device: ``max(P(d(∂W -> ∂F)), P(d(∂F -> ∂W)))`` in mm; NaN
-        where the label is absent from the fixed, the warped or the moving map.
-    """
-    from scipy.spatial import cKDTree
-
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must be in [0, 100]; got {percentile}")
-    ids = _check_label_pair(warped_label, fixed_label, label_ids)
-    bsz, n = fixed_label.shape[0], fixed_label.dim() - 2
-    sp = _spacing(spacing, bsz, n, dtype=torch.float64, device=torch.device("cpu")).numpy()
-    w = warped_label.detach().cpu()[:, 0].numpy()
-    f = fixed_label.detach().cpu()[:, 0].numpy()
-    m = None if moving_label is None else moving_label.detach().cpu()[:, 0]
-    workers = max(torch.get_num_threads(), 1)
-    out = torch.full((bsz, len(ids)), _NAN, dtype=torch.float64)
-    for b in range(bsz):
-        edge_w, edge_f = _edge_mask(w[b]), _edge_mask(f[b])
-        shared = (edge_w & edge_f & (w[b] == f[b])).reshape(-1)  # an edge voxel of the same label in both
-        groups_w, groups_f = _edge_groups(w[b], edge_w, ids), _edge_groups(f[b], edge_f, ids)
-        in_moving = None if m is None else _present(m[b])
-        for j, k in enumerate(ids):
-            if k not in groups_w or k not in groups_f or (in_moving is not None and k not in in_moving):
-                continue
-            ends = []
-            for group in (groups_w[k], groups_f[k]):
-                points = np.stack(np.unravel_index(group, w[b].shape), axis=1).astype(np.float64) * sp[b]
-                tree = cKDTree(points, leafsize=32, balanced_tree=False, compact_nodes=False)
-                ends.append((points, shared[group], tree))
-            (points_w, on_w, tree_w), (points_f, on_f, tree_f) = ends
-            out[b, j] = max(_quantile(_directed_distances(points_w, on_w, tree_f, workers), percentile),
-                            _quantile(_directed_distances(points_f, on_f, tree_w, workers), percentile))
-    return out.to(fixed_label.device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # keypoints
 # ----------------------------------------------------------------------------------------------------
@@ -367,10 +164,10 @@ def tre(
         per-point NaN where either keypoint row has a NaN; the mean is over the valid points (NaN if none).
     """
     n = check_field(u)
-    _same_shape(fixed_kp, moving_kp, "fixed_kp", "moving_kp")
+    same_shape(fixed_kp, moving_kp, "fixed_kp", "moving_kp")
     bsz = u.shape[0]
     mapped = warp_keypoints(fixed_kp.to(device=u.device, dtype=u.dtype), u)  # (B, K, n), NaN rows stay NaN
-    sp = _spacing(spacing_moving, bsz, n, dtype=u.dtype, device=u.device)
+    sp = spacing_tensor(spacing_moving, bsz, n, dtype=u.dtype, device=u.device)
     diff = (mapped - moving_kp.to(device=u.device, dtype=u.dtype)) * sp[:, None, :]
     per_point = torch.linalg.vector_norm(diff, dim=-1)  # NaN propagates from either side
     return torch.nanmean(per_point, dim=1), per_point
@@ -475,7 +272,7 @@ def pair_metrics(batch: Mapping[str, Any], u: torch.Tensor, *, hd95: bool = True
         ids = batch_label_ids(batch, per_pair=True)
         spacing = batch.get("spacing")
         if ids and isinstance(ids[0], list):  # a different label list per pair
-            spacing_b = _spacing(spacing, bsz, n, dtype=torch.float64, device=torch.device("cpu"))
+            spacing_b = spacing_tensor(spacing, bsz, n, dtype=torch.float64, device=torch.device("cpu"))
             rows_dice, rows_hd = [], []
             for b in range(bsz):
                 sl = slice(b, b + 1)

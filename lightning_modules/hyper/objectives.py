@@ -15,7 +15,7 @@ import torch
 from layers.diff import jacobian_determinant
 from layers.enums import StrEnum
 from layers.losses import keypoint_loss, label_loss, regularity_loss
-from lightning_modules.metrics import batch_label_ids
+from lightning_modules.labels import batch_label_ids
 
 __all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard"]
 
@@ -70,7 +70,7 @@ def outer_loss(
     Args:
         batch: a batch dict (``data/batch.py``); ``fixed_label``/``moving_label`` for the label term,
             ``fixed_keypoints``/``moving_keypoints`` (and ``moving_spacing``) for the keypoint term.
-        label_ids: labels of the label term (default: :func:`lightning_modules.metrics.batch_label_ids`, the
+        label_ids: labels of the label term (default: :func:`lightning_modules.labels.batch_label_ids`, the
             non-zero labels of ``batch["label_ids"]`` or of the fixed label map).
         label_kind: ``"dice"`` (1 − soft Dice) or ``"mse"`` (class-weighted), see
             :func:`layers.losses.label_loss`.

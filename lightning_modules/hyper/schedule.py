@@ -35,7 +35,7 @@ from layers.optim import (
 from lightning_modules.base import RegistrationModule
 from lightning_modules.baselines import check_pair, renamed_options
 from lightning_modules.checkpoint import CheckpointError, load_checkpoint
-from lightning_modules.metrics import batch_label_ids
+from lightning_modules.labels import batch_label_ids
 
 from .objectives import outer_loss
 

@@ -358,7 +358,7 @@ def test_hd95_many_labels_match_distance_transforms_and_monai(shape, spacing):
 
 def test_hd95_quantile_is_torch_quantile():
     # the partial-sort percentile reproduces torch.quantile (linear, float32) exactly
-    from lightning_modules.metrics import _quantile
+    from lightning_modules.hausdorff import _quantile
 
     gen = np.random.default_rng(0)
     for _ in range(300):
