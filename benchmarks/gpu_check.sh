@@ -122,6 +122,23 @@ pytest_summary() {  # the closing line of a pytest run in $WORK/last.out
 tail_block() {  # tail_block N: the last N lines of $WORK/last.out as a fenced block in the report
     md '```' "$(tail -n "$1" "$WORK/last.out")" '```'
 }
+summary_row() {  # summary_row SUMMARY.json: "pairs | failed | Dice | SDlogJ | folding | s/pair"
+    "$PYTHON" - "$1" <<'EOF' 2>/dev/null
+import json
+import sys
+
+s = json.load(open(sys.argv[1]))
+m = s["metrics"]
+
+
+def f(key, fmt):
+    return "n/a" if m.get(key) is None else format(m[key], fmt)
+
+
+print(f"{s['n_pairs']} | {s['n_failed']} | {f('dice', '.4f')} | {f('sdlogj', '.3f')} | {f('folding', '.4f')} | "
+      f"{f('seconds', '.3f')}")
+EOF
+}
 
 # ------------------------------------------------------------------------------------------------ packages
 say "== packages ($(date -u +%FT%TZ))"
@@ -319,22 +336,7 @@ step_eval() {
             rc=$?
             ms=$((($(date +%s%N) - t0) / 1000000))
             wall=$(printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100)))
-            row=$("$PYTHON" - "$out/summary.json" <<'EOF' 2>/dev/null
-import json
-import sys
-
-s = json.load(open(sys.argv[1]))
-m = s["metrics"]
-
-
-def f(key, fmt):
-    return "n/a" if m.get(key) is None else format(m[key], fmt)
-
-
-print(f"{s['n_pairs']} | {s['n_failed']} | {f('dice', '.4f')} | {f('sdlogj', '.3f')} | {f('folding', '.4f')} | "
-      f"{f('seconds', '.2f')}")
-EOF
-)
+            row=$(summary_row "$out/summary.json")
             md "| $backend | ${row:-n/a | n/a | n/a | n/a | n/a | n/a} | ${wall} | $(status_word $rc) |"
             [ "$rc" = 0 ] || cp "$WORK/last.out" "$WORK/brainpair_$backend.err"
         done
@@ -374,23 +376,6 @@ if [ -z "$HDATA" ]; then
     if [ -d .gpu_data/Hippocampus ]; then HDATA=.gpu_data; else HDATA=../shared/data; fi
 fi
 HJSON=$HDATA/Hippocampus/Hippocampus_dataset.json
-summary_row() {  # summary_row SUMMARY.json: "pairs | failed | Dice | SDlogJ | folding | s/pair"
-    "$PYTHON" - "$1" <<'EOF' 2>/dev/null
-import json
-import sys
-
-s = json.load(open(sys.argv[1]))
-m = s["metrics"]
-
-
-def f(key, fmt):
-    return "n/a" if m.get(key) is None else format(m[key], fmt)
-
-
-print(f"{s['n_pairs']} | {s['n_failed']} | {f('dice', '.4f')} | {f('sdlogj', '.3f')} | {f('folding', '.4f')} | "
-      f"{f('seconds', '.3f')}")
-EOF
-}
 step_hippo_eval() {
     say "== eval.py on the Hippocampus val pairs"
     md "## eval.py on the 20 Hippocampus val pairs (GPU)" ""
