@@ -82,7 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
                    help="method argument (YAML value), e.g. --method-arg preset=constant")
     p.add_argument("--method-config", help="YAML file of method arguments (init_args of the method)")
-    p.add_argument("--lam", help="λ for a λ-conditioned model: a value or 'auto' (chosen on the val split)")
+    p.add_argument("--lam", help="λ for a λ-conditioned model: a value or 'auto' (chosen on --lam-split)")
+    p.add_argument("--lam-split", default="val", choices=("val", "train", "hyper"),
+                   help="--lam auto: the split λ is chosen on (default val; use train or hyper when val is the "
+                        "split you report)")
+    p.add_argument("--lam-guard", default="diffusion", choices=("diffusion", "negjac", "sdlogj", "none"),
+                   help="--lam auto: the regularity guard of the selection loss (sdlogj with --lam-guard-margin "
+                        "0.2: the best Dice with SDlogJ ≤ 0.2)")
+    p.add_argument("--lam-guard-margin", type=float, default=0.0,
+                   help="--lam auto: the guard's margin (negjac: det J margin; sdlogj: the SDlogJ bound)")
+    p.add_argument("--lam-guard-weight", type=float, default=1.0, help="--lam auto: the guard's weight")
     p.add_argument("--init-ckpt", help="LearnGN checkpoint whose field starts the Adam optimisation "
                                        "(--method adam | convexadam: learned GN, then Adam refinement; "
                                        "ConvexAdam then skips its convex stage)")
@@ -136,15 +145,32 @@ def load_learngn(ckpt: str, what: str = "--ckpt"):
                                  expected="a Lightning checkpoint (.ckpt) of a LearnGN model of this project")
 
 
-def apply_lam(args: argparse.Namespace, model, val_loader=None) -> None:
+def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
     """``--lam``: set the λ of the LearnGN model (``--method learngn``) or of the LearnGN that starts an Adam
-    refinement (``--init-ckpt``); ``auto`` chooses it on ``val_loader``."""
+    refinement (``--init-ckpt``); ``auto`` chooses it on the ``--lam-split`` pairs of the data module ``dm``
+    (set up), with the ``--lam-guard*`` selection loss."""
     target = model if args.method == "learngn" else getattr(model, "initialiser", None)
     if target is None:
         raise SystemExit("error: --lam applies to --method learngn and to the model of --init-ckpt")
     from lightning_modules.hyper.hypernet import resolve_lambda
 
-    log.info("using λ = %g", resolve_lambda(target, args.lam, val_loader))
+    if not is_auto(args.lam):
+        log.info("using λ = %g", resolve_lambda(target, args.lam))
+        return
+    if args.lam_split == args.split:
+        log.warning("--lam auto chooses λ on the split it evaluates (%s): the result is in-sample", args.split)
+    try:
+        loader = getattr(dm, f"{args.lam_split}_dataloader")()
+    except RuntimeError as exc:  # no such split (hyper without hyper_fraction) or an empty one
+        raise SystemExit(f"error: --lam-split {args.lam_split}: {exc}") from None
+    lam = resolve_lambda(target, args.lam, loader, guard=args.lam_guard, guard_margin=args.lam_guard_margin,
+                         w_guard=args.lam_guard_weight)
+    log.info("using λ = %g (chosen on the %s split)", lam, args.lam_split)
+
+
+def is_auto(lam: str | None) -> bool:
+    """Whether a ``--lam`` value asks for automatic selection."""
+    return isinstance(lam, str) and lam.strip().lower() == "auto"
 
 
 def read_method_config(path: str) -> dict[str, Any]:
@@ -286,7 +312,7 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
     dm = build_data(args, meta, _key_values(args.data_arg, "--data-arg"))
     if args.lam is not None:
         dm.setup()
-        apply_lam(args, model, dm.val_dataloader() if args.lam == "auto" else None)
+        apply_lam(args, model, dm)
     pairs = dm.eval_pairs()
     if pairs is not None:  # before the first pair: no two pairs may write the same displacement file
         check_unique_disp_names(pairs)
@@ -416,7 +442,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("error: --data and --fixed/--moving exclude each other")
     if args.no_disp:
         raise SystemExit("error: --no-disp does not apply to --fixed/--moving (disp.nii.gz is what --apply reads)")
-    if isinstance(args.lam, str) and args.lam.strip().lower() == "auto":
+    if is_auto(args.lam):
         raise SystemExit("error: --lam auto chooses λ on a validation split; give a value with --fixed/--moving")
 
     from lightning.fabric.utilities.apply_func import move_data_to_device

@@ -104,9 +104,11 @@ class BilevelLearnGN(LearnGN):
         hyper_every: one λ update every ``hyper_every`` inner steps.
         outer_label: ``"dice"`` or ``"mse"``, the label term of the outer loss.
         w_outer_label, w_outer_keypoint: outer loss weights of the label term and the keypoint distance (mm).
-        outer_guard: ``"diffusion"``, ``"negjac"`` (mean ``relu(margin − det J)``) or ``"none"`` (no guard: a
-            Dice-only outer loss pulls λ down, towards 0 where rougher fields keep improving the overlap).
-        w_guard: weight of the guard; guard_margin: the Jacobian margin of ``"negjac"``.
+        outer_guard: ``"diffusion"``, ``"negjac"`` (mean ``relu(margin − det J)``), ``"sdlogj"`` (mean
+            ``relu(SDlogJ − margin)``, the evaluation metric) or ``"none"`` (no guard: a Dice-only outer loss
+            pulls λ down, towards 0 where rougher fields keep improving the overlap).
+        w_guard: weight of the guard; guard_margin: the Jacobian margin of ``"negjac"``, the SDlogJ bound of
+            ``"sdlogj"``.
         folding_threshold: folding fraction above which a warning is logged (and ``hyper/folding_ok`` is 0).
         log_lam_min, log_lam_max: ``log λ`` is clamped to this range after every update.
         train_network: False: only λ is learned (the inner step is skipped; e.g. tuning a trained model).

@@ -252,6 +252,7 @@ def select_lambda(
     w_keypoint: float = 0.0,
     guard: str = "diffusion",
     w_guard: float = 1.0,
+    guard_margin: float = 0.0,
     steps: int = 20,
     lr: float = 0.15,
     sweep_points: int = 9,
@@ -269,7 +270,8 @@ def select_lambda(
         objective: ``(batch, u (B, n, *S)) -> scalar`` to minimise; default the outer loss of
             :func:`~lightning_modules.hyper.objectives.outer_loss` (label term + regularity guard) with the
             following arguments.
-        label_kind, w_label, w_keypoint, guard, w_guard: the default objective's terms.
+        label_kind, w_label, w_keypoint, guard, w_guard, guard_margin: the default objective's terms
+            (``guard="sdlogj", guard_margin=0.2, w_guard=10``: the best overlap with SDlogJ ≤ 0.2).
         steps, lr: Adam steps on ``log λ`` and their step size (natural-log units).
         sweep_points: log-spaced λ values of the sweep over the range (0: no sweep).
         max_batches: number of batches used (None: all).
@@ -305,6 +307,7 @@ def select_lambda(
             w_keypoint=w_keypoint,
             guard=guard,
             w_guard=w_guard,
+            guard_margin=guard_margin,
         )
         return torch.stack(list(terms.values())).sum()
 

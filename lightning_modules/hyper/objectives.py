@@ -16,14 +16,16 @@ from layers.diff import jacobian_determinant
 from layers.enums import StrEnum
 from layers.losses import keypoint_loss, label_loss, regularity_loss
 from lightning_modules.labels import batch_label_ids
+from lightning_modules.metrics import jacobian_stats
 
-__all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard"]
+__all__ = ["Guard", "cycle", "negative_jacobian_penalty", "outer_loss", "regularity_guard", "sdlogj_excess"]
 
 class Guard(StrEnum):
     """The regularity guard of the outer loss (:func:`regularity_guard`)."""
 
     DIFFUSION = "diffusion"  #: :func:`layers.losses.regularity_loss`
     NEGJAC = "negjac"  #: :func:`negative_jacobian_penalty`
+    SDLOGJ = "sdlogj"  #: :func:`sdlogj_excess`
     NONE = "none"  #: no guard
 
 
@@ -41,15 +43,40 @@ def negative_jacobian_penalty(u: torch.Tensor, margin: float = 0.0) -> torch.Ten
     return torch.relu(margin - jacobian_determinant(u)).mean()
 
 
-def regularity_guard(u: torch.Tensor, kind: str = "diffusion", margin: float = 0.0) -> torch.Tensor:
+def sdlogj_excess(u: torch.Tensor, bound: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of ``relu(SDlogJ − bound)``: zero while every pair's SDlogJ is within ``bound``.
+
+    SDlogJ is the evaluation metric itself (:func:`lightning_modules.metrics.jacobian_stats`: std of
+    ``log det(I + ∇u)`` over the cropped interior, within ``mask``; docs/design.md §7), so a large weight on
+    this hinge turns "maximise Dice subject to SDlogJ ≤ bound" into an exact penalty.
+
+    Args:
+        u: ``(B, n, *S)`` displacement in voxel units.
+        bound: the SDlogJ allowed (dimensionless, e.g. 0.2).
+        mask: optional ``(B, 1, *S)`` fixed mask (the metric's region).
+
+    Returns:
+        scalar, dimensionless. Pairs with an empty region (NaN SDlogJ) count as 0.
+    """
+    sd = jacobian_stats(u, mask)["sdlogj"]
+    return torch.relu(torch.nan_to_num(sd, nan=0.0) - bound).mean()
+
+
+def regularity_guard(
+    u: torch.Tensor, kind: str = "diffusion", margin: float = 0.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The regularity guard of the outer loss: ``"diffusion"``
     (:func:`layers.losses.regularity_loss`, voxel² per voxel²), ``"negjac"``
-    (:func:`negative_jacobian_penalty`) or ``"none"`` (zero); scalar."""
+    (:func:`negative_jacobian_penalty` with ``margin`` as the determinant margin), ``"sdlogj"``
+    (:func:`sdlogj_excess` with ``margin`` as the SDlogJ bound, within the fixed ``mask`` ``(B, 1, *S)``) or
+    ``"none"`` (zero); scalar."""
     kind = Guard.lookup(kind, "guard")
     if kind == Guard.DIFFUSION:
         return regularity_loss(u)
     if kind == Guard.NEGJAC:
         return negative_jacobian_penalty(u, margin)
+    if kind == Guard.SDLOGJ:
+        return sdlogj_excess(u, margin, mask)
     return u.new_zeros(())
 
 
@@ -102,7 +129,7 @@ def outer_loss(
             "the outer loss needs labels (w_label > 0) or keypoints (w_keypoint > 0) in the batch"
         )
     if guard != "none" and w_guard > 0:
-        terms["guard"] = w_guard * regularity_guard(u, guard, guard_margin)
+        terms["guard"] = w_guard * regularity_guard(u, guard, guard_margin, batch.get("fixed_mask"))
     return terms
 
 

@@ -208,6 +208,34 @@ def test_eval_refines_a_learngn_field_with_adam(tmp_path):
         eval_cli.main(["--method", "gn", "--init-ckpt", ckpt, "--out", str(tmp_path / "g"), *common])
 
 
+def test_eval_lam_auto_chooses_on_the_named_split(tmp_path, monkeypatch):
+    """--lam auto --lam-split train: λ is selected on the training pairs (not on the split evaluated), with the
+    --lam-guard* selection loss; a split the data does not have is refused by name."""
+    from lightning_modules.hyper import hypernet
+
+    _fit(tmp_path, "--trainer.max_epochs", "1")
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    common = ["--split", "val", "--figures", "0", "--accelerator", "cpu", "--data", "synthetic2d", "--no-disp",
+              "--data-arg", "synthetic_shape=[32,32]", "--data-arg", "num_val=2", "--data-arg", "num_train=6"]
+    seen = {}
+    real = hypernet.select_lambda
+
+    def spy(model, loader, **kwargs):
+        seen["n_pairs"], seen["kwargs"] = len(loader.dataset), kwargs
+        return real(model, loader, **{**kwargs, "steps": 2, "sweep_points": 2, "max_batches": 1})
+
+    monkeypatch.setattr(hypernet, "select_lambda", spy)
+    eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "auto", "--lam-split", "train",
+                   "--lam-guard", "sdlogj", "--lam-guard-margin", "0.2", "--lam-guard-weight", "10",
+                   "--out", str(tmp_path / "auto"), *common])
+    assert seen["n_pairs"] == 6  # the 6 training pairs, not the 2 val pairs
+    assert seen["kwargs"] == {"guard": "sdlogj", "guard_margin": 0.2, "w_guard": 10.0}
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["n_pairs"] == 2
+    with pytest.raises(SystemExit, match="--lam-split hyper"):
+        eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "auto", "--lam-split", "hyper",
+                       "--out", str(tmp_path / "h"), *common])
+
+
 def test_displacement_files_are_parallel_gzip_members_any_reader_decompresses(tmp_path):
     """eval.py's displacement files are compressed in parallel as several gzip members (data.io.gzip_bytes):
     the bytes decompress to the uncompressed NIfTI with Python's gzip and nibabel, round-trip the field

@@ -254,6 +254,33 @@ def test_negative_jacobian_penalty():
         regularity_guard(fold, "bogus")
 
 
+def test_sdlogj_excess_is_the_hinge_of_the_metric():
+    """The ``sdlogj`` guard against an independent float64 reference: u_0 = c(x_1)·x_0 has det J = 1 + c(x_1)
+    exactly, so SDlogJ is the population std of log(1 + c) over the interior columns (2-voxel crop)."""
+    import numpy as np
+
+    from lightning_modules.hyper.objectives import regularity_guard, sdlogj_excess
+
+    c = torch.linspace(-0.3, 0.4, 16, dtype=torch.float64) ** 3 + 0.05 * torch.sin(torch.arange(16.0).double())
+    u = torch.zeros(1, 2, 16, 16, dtype=torch.float64)
+    u[0, 0] = c.view(1, 16) * torch.arange(16.0, dtype=torch.float64).view(16, 1)
+    sd = float(np.std(np.log1p(c.numpy()[2:14])))
+    assert sd > 0.02
+    u.requires_grad_(True)
+    for bound in (0.0, 0.5 * sd):
+        pen = sdlogj_excess(u, bound)
+        assert float(pen) == pytest.approx(sd - bound, rel=1e-10)
+        (g,) = torch.autograd.grad(pen, u)
+        assert g.abs().sum() > 0
+    over = sdlogj_excess(u, 2 * sd)
+    assert float(over) == 0.0
+    assert float(regularity_guard(u, "sdlogj", margin=0.5 * sd)) == pytest.approx(0.5 * sd, rel=1e-10)
+    mask = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
+    mask[..., :, 2:8] = 1  # the metric's region: columns 2..7 only
+    ref = float(np.std(np.log1p(c.numpy()[2:8])))
+    assert float(sdlogj_excess(u, 0.0, mask)) == pytest.approx(ref, rel=1e-10)
+
+
 def test_fourier_lambda_and_step_schedules_are_learned_on_the_hyper_split():
     """GN λ_t and α_t schedules (Fourier networks of the iteration index): the baseline when untrained,
     updated by the hyper step only."""

@@ -19,5 +19,6 @@ def test_feature_kinds_are_the_enum_values():
 def test_guard_lookup():
     u = torch.zeros(1, 2, 4, 4)
     assert float(regularity_guard(u, Guard.NONE)) == 0.0 and float(regularity_guard(u, "diffusion")) == 0.0
-    with pytest.raises(ValueError, match=r"^guard must be one of \('diffusion', 'negjac', 'none'\); got 'l2'"):
+    message = r"^guard must be one of \('diffusion', 'negjac', 'sdlogj', 'none'\); got 'l2'"
+    with pytest.raises(ValueError, match=message):
         regularity_guard(u, "l2")
