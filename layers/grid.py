@@ -146,10 +146,16 @@ def second_order_warps(enabled: bool = True) -> Iterator[None]:
 
 @functools.cache
 def native_second_order() -> bool:
-    """Whether this PyTorch's ``grid_sample`` has a second derivative (probed once on a 2×2 image)."""
+    """Whether this PyTorch's ``grid_sample`` has a second derivative (probed once on a 2×2 image).
+
+    The probe saves tensors for its own backward under identity saved-tensor hooks, so that an enclosing
+    gradient checkpoint does not record them: the probe runs once per process, typically inside the first
+    checkpointed segment, and would otherwise be missing from that segment's recomputation (whose saved tensors
+    must line up with the forward's).
+    """
     image = torch.zeros(1, 1, 2, 2, dtype=torch.float64, requires_grad=True)
     grid = torch.zeros(1, 1, 1, 2, dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         out = F.grid_sample(image, grid, align_corners=ALIGN_CORNERS).sum()
         (g_grid,) = torch.autograd.grad(out, grid, create_graph=True)
         try:
@@ -157,6 +163,11 @@ def native_second_order() -> bool:
         except RuntimeError:
             return False
     return True
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    """Identity saved-tensor hook (pack and unpack) of :func:`native_second_order`."""
+    return x
 
 
 def gather_grid_sample(image: torch.Tensor, grid: torch.Tensor, *, padding_mode: str = "border") -> torch.Tensor:

@@ -330,3 +330,22 @@ def test_second_order_warps_make_a_meta_gradient_possible_without_native_support
     if native:
         monkeypatch.undo()
         torch.testing.assert_close(simulated, meta_gradient(), rtol=1e-10, atol=0)
+
+
+def test_the_second_order_probe_is_invisible_to_an_enclosing_checkpoint():
+    """The probe runs once per process, often inside the first checkpointed segment of a meta-gradient; the
+    segment's recomputation (probe cached) must save the same tensors as its forward did, or the backward raises
+    torch.utils.checkpoint.CheckpointError (the failure of a fresh process before the probe was isolated)."""
+    from torch.utils.checkpoint import checkpoint
+
+    import layers.grid as grid_module
+
+    def segment(x: torch.Tensor) -> torch.Tensor:
+        grid_module.native_second_order()
+        return (x * x.sin()).sum()
+
+    x = torch.linspace(-1.0, 1.0, 7, dtype=torch.float64, requires_grad=True)
+    grid_module.native_second_order.cache_clear()  # as in a fresh process: the probe runs inside the segment
+    y = checkpoint(segment, x, use_reentrant=False, preserve_rng_state=False)
+    (g,) = torch.autograd.grad(y, x)
+    torch.testing.assert_close(g, x.sin() + x * x.cos(), rtol=1e-12, atol=0)
