@@ -95,6 +95,11 @@ class HyperLearnGN(LearnGN):
             raise ValueError(f"need 0 < lam_min < lam_max; got {lam_min}, {lam_max}")
         if lam_eval is not None:
             check_number("lam_eval", lam_eval, low=0, strict=True)
+        if kwargs.get("semantic") and kwargs.get("semantic_warmup", 0) > 0:
+            raise ValueError(
+                "HyperLearnGN trains the registration from its first step: semantic_warmup must be 0 (warm the "
+                "semantic network up in a LearnGN run and start from it with init_from)"
+            )
         super().__init__(**kwargs)
         if not 0 <= check_number("p_end", p_end) <= 1:
             raise ValueError(f"p_end must be in [0, 1]; got {p_end}")
@@ -165,11 +170,16 @@ class HyperLearnGN(LearnGN):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One step at a drawn ``log λ``; a semantic model's maps feed the registration and, as in
+        :meth:`LearnGN.training_step` after its warm-up, their own loss (``w_semantic``)."""
         log_lam = self.sample_log_lam()
-        u = self.run(batch, log_lam=log_lam).disp
+        maps = self.semantic_maps(batch) if self.semantic_net is not None else None
+        u = self.run(batch, log_lam=log_lam, maps=maps).disp
         terms = self.loss_terms(batch, u)
         if self.hparams.reg_scaling and "reg" in terms:
             terms["reg"] = terms["reg"] * (log_lam.exp() / self.hparams.lam_start)
+        if maps is not None and self.hparams.w_semantic > 0:
+            terms["semantic"] = self.semantic_term(batch, maps)
         loss = torch.stack(list(terms.values())).sum()
         bsz = u.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bsz)

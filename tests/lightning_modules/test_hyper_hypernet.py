@@ -234,3 +234,26 @@ def test_lam_override_reaches_the_registration_of_every_variant(data, variant):
             torch.testing.assert_close(model.lam_values().double(), schedule)
             torch.testing.assert_close(after, model.run(batch, lam=schedule).disp)
     assert (after - before).abs().max() > 1e-3
+
+
+def test_a_semantic_hypernetwork_step_adds_the_semantic_loss():
+    """With semantic channels the training step at a drawn λ is the registration terms (diffusion scaled by
+    λ / lam_start) plus the U-Net's own loss, as a LearnGN step after its warm-up; a warm-up is refused."""
+    from tests.lightning_modules.test_learngn import _batch3d
+
+    args = dict(spatial_dims=3, features="mind", label_ids=[1, 2], iterations=2, lam_start=0.3, lam_end=0.1,
+                rtol=1e-8, semantic=True, semantic_widths=[4, 4, 4, 4, 4, 4], semantic_weight_init=0.5,
+                label_loss="dice", lam_min=0.1, lam_max=1.0, w_reg=1.0)
+    model = HyperLearnGN(**args).double()
+    batch = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in _batch3d().items()}
+    log_lam = torch.tensor(math.log(0.6), dtype=torch.float64)
+    model.sample_log_lam = lambda: log_lam
+    loss = model.training_step(batch, 0)
+    with torch.no_grad():
+        terms = model.loss_terms(batch, model.run(batch, log_lam=log_lam).disp)
+        terms["reg"] = terms["reg"] * (0.6 / 0.3)
+        ref = sum(terms.values()) + model.semantic_term(batch)
+    assert float(model.semantic_term(batch)) > 0
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="semantic_warmup"):
+        HyperLearnGN(**{**args, "semantic_warmup": 2})
