@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam-guard-margin", type=float, default=0.0,
                    help="--lam auto: the guard's margin (negjac: det J margin; sdlogj: the SDlogJ bound)")
     p.add_argument("--lam-guard-weight", type=float, default=1.0, help="--lam auto: the guard's weight")
+    p.add_argument("--lam-search", type=int, nargs=2, default=(9, 20), metavar=("SWEEP", "STEPS"),
+                   help="--lam auto: points of the log-spaced λ sweep and Adam steps on log λ (default 9 20)")
     p.add_argument("--init-ckpt", help="LearnGN checkpoint whose field starts the Adam optimisation "
                                        "(--method adam | convexadam: learned GN, then Adam refinement; "
                                        "ConvexAdam then skips its convex stage)")
@@ -163,8 +165,11 @@ def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
         loader = getattr(dm, f"{args.lam_split}_dataloader")()
     except RuntimeError as exc:  # no such split (hyper without hyper_fraction) or an empty one
         raise SystemExit(f"error: --lam-split {args.lam_split}: {exc}") from None
+    sweep, steps = args.lam_search
+    if sweep < 0 or steps < 0 or sweep + steps == 0:
+        raise SystemExit(f"error: --lam-search needs SWEEP, STEPS >= 0, not both 0; got {sweep} {steps}")
     lam = resolve_lambda(target, args.lam, loader, guard=args.lam_guard, guard_margin=args.lam_guard_margin,
-                         w_guard=args.lam_guard_weight)
+                         w_guard=args.lam_guard_weight, sweep_points=sweep, steps=steps)
     log.info("using λ = %g (chosen on the %s split)", lam, args.lam_split)
 
 

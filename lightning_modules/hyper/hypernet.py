@@ -282,7 +282,7 @@ def select_lambda(
             following arguments.
         label_kind, w_label, w_keypoint, guard, w_guard, guard_margin: the default objective's terms
             (``guard="sdlogj", guard_margin=0.2, w_guard=10``: the best overlap with SDlogJ ≤ 0.2).
-        steps, lr: Adam steps on ``log λ`` and their step size (natural-log units).
+        steps, lr: Adam steps on ``log λ`` and their step size (natural-log units); 0: the sweep's best λ.
         sweep_points: log-spaced λ values of the sweep over the range (0: no sweep).
         max_batches: number of batches used (None: all).
         rel_tol: the sweep's λ is taken instead when its loss is lower by more than ``rel_tol`` (relative).
@@ -352,7 +352,9 @@ def select_lambda(
         model.train(was_training)
     lam_sw, loss_sw = min(sweep, key=lambda t: t[1]) if sweep else (lam_gd, loss_gd)
     source, lam = "gd", lam_gd
-    if loss_sw < loss_gd - rel_tol * abs(loss_gd):
+    if steps == 0 and sweep:  # no descent: its "λ" is only the starting point
+        source, lam = "sweep", lam_sw
+    elif loss_sw < loss_gd - rel_tol * abs(loss_gd):
         log.warning(
             "select_lambda: the sweep's λ = %.4g (loss %.5g) beats gradient descent's λ = %.4g (loss %.5g); "
             "using the sweep's",

@@ -229,8 +229,12 @@ def test_eval_lam_auto_chooses_on_the_named_split(tmp_path, monkeypatch):
                    "--lam-guard", "sdlogj", "--lam-guard-margin", "0.2", "--lam-guard-weight", "10",
                    "--out", str(tmp_path / "auto"), *common])
     assert seen["n_pairs"] == 6  # the 6 training pairs, not the 2 val pairs
-    assert seen["kwargs"] == {"guard": "sdlogj", "guard_margin": 0.2, "w_guard": 10.0}
+    assert seen["kwargs"] == {"guard": "sdlogj", "guard_margin": 0.2, "w_guard": 10.0, "sweep_points": 9,
+                              "steps": 20}
     assert json.loads((tmp_path / "auto" / "summary.json").read_text())["n_pairs"] == 2
+    with pytest.raises(SystemExit, match="--lam-search"):
+        eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "auto", "--lam-search", "0", "0",
+                       "--out", str(tmp_path / "s"), *common])
     with pytest.raises(SystemExit, match="--lam-split hyper"):
         eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "auto", "--lam-split", "hyper",
                        "--out", str(tmp_path / "h"), *common])

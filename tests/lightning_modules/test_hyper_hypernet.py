@@ -177,6 +177,9 @@ def test_resolve_lambda(data, tmp_path):
     val = [collate_pairs(data["val"][:2])]
     lam = resolve_lambda(model, "auto", val, steps=4, sweep_points=3)
     assert current_lambda(model) == pytest.approx(lam, rel=1e-6)
+    # no descent steps: the sweep's best λ (not the descent's starting point, the middle of the range)
+    sweep_only = select_lambda(model, val, steps=0, sweep_points=3)
+    assert sweep_only.source == "sweep" and sweep_only.lam == min(sweep_only.sweep, key=lambda t: t[1])[0]
     # the evaluation λ is a buffer: it is in the checkpoint
     ckpt = tmp_path / "hyper.ckpt"
     torch.save(
