@@ -12,6 +12,13 @@ pairs of ``../shared/data/Hippocampus`` (40 subjects none of which is in the tra
    (``--init-ckpt``), and handcrafted GN on the signed distance maps of the *true* labels (an oracle no real
    method has, the upper reference).
 
+3. learned hyper-parameters (docs/design.md §5), each against its hand-set default, when their files are given:
+   ``--bilevel-ckpt`` (a LearnGN whose per-iteration λ was learned on a hyper split of the training subjects,
+   ``configs/hippocampus_bilevel.yaml``), ``--hyper-ckpt`` (a λ-conditioned hypernetwork,
+   ``configs/hippocampus_hyper.yaml``, at its default λ and with ``--lam auto`` chosen on training pairs) and
+   ``--schedule`` (an AdamIO learning-rate schedule meta-trained on training pairs,
+   ``configs/hippocampus_schedule.yaml``, against the baseline schedule it started from).
+
 Writes ``benchmarks/results/hippocampus.md`` (and the eval folders under ``--out``). Skips with a message when
 the data folder is absent.
 """
@@ -80,6 +87,48 @@ def methods(ckpt: str, lam: float) -> list[tuple[str, str, list[str]]]:
     ]
 
 
+def learned_hyper(a: argparse.Namespace, out: Path) -> list[tuple[str, str, list[str]]]:
+    """(key, row label, eval.py arguments) of the learned-hyper-parameter rows and their hand-set defaults, for
+    the files given (``--bilevel-ckpt``, ``--hyper-ckpt``, ``--schedule``); the baseline schedule file is
+    written under ``out``."""
+    rows: list[tuple[str, str, list[str]]] = []
+    if a.bilevel_ckpt:
+        rows.append(("learngn_bilevel", "LearnGN, λ per GN iteration learned by bilevel optimisation (hyper split of "
+                     "the training subjects; Dice + SDlogJ ≤ 0.2 hinge)",
+                     ["--method", "learngn", "--ckpt", a.bilevel_ckpt]))
+    if a.hyper_ckpt:
+        rows.append(("hyper_default", "λ-conditioned hypernetwork at its default λ (0.3, the training λ)",
+                     ["--method", "learngn", "--ckpt", a.hyper_ckpt]))
+        rows.append(("hyper_auto", "λ-conditioned hypernetwork, `--lam auto` on 8 training pairs (Dice + SDlogJ ≤ "
+                     "0.2 hinge)",
+                     ["--method", "learngn", "--ckpt", a.hyper_ckpt, "--lam", "auto", "--lam-split", "train",
+                      "--lam-guard", "sdlogj", "--lam-guard-margin", f"{SDLOGJ_TARGET:g}", "--lam-guard-weight", "2",
+                      "--lam-search", "7", "6"]))
+    if a.schedule:
+        base = baseline_schedule(Path(a.schedule), out / "baseline_schedule.pt")
+        adam = ["--method", "adam", "--method-config", "configs/baselines/adam_piecewise.yaml", "--schedule"]
+        rows.append(("adam_schedule_base", f"AdamIO, the baseline schedule the learned one started from "
+                     f"({base[1]} steps)", [*adam, str(base[0])]))
+        rows.append(("adam_schedule_learned", f"AdamIO, learning-rate schedule meta-trained on training pairs "
+                     f"({base[1]} steps)", [*adam, a.schedule]))
+    return rows
+
+
+def baseline_schedule(learned: Path, dest: Path) -> tuple[Path, int]:
+    """Write the baseline a learned schedule file started from (its ``"baseline"`` values, same step unit) to
+    ``dest``; returns ``(dest, T)``."""
+    sys.path.insert(0, str(REPO))
+    from lightning_modules.checkpoint import load_checkpoint
+    from lightning_modules.hyper.schedule import save_schedule
+
+    record = load_checkpoint(learned, what="--schedule", expected="a learned schedule (.pt)")
+    if not isinstance(record, dict) or "baseline" not in record:
+        raise SystemExit(f"error: --schedule {learned} has no baseline values (not a ScheduleMetaLearner export)")
+    values = [float(v) for v in record["baseline"]]
+    save_schedule(values, dest, step_unit=record.get("step_unit"))
+    return dest, len(values)
+
+
 def shared_data_root() -> Path:
     """``$L2O_SHARED_DATA`` or ``<repo>/../shared/data``."""
     env = os.environ.get("L2O_SHARED_DATA")
@@ -114,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse the finished evaluations found under --out")
     p.add_argument("--skip", nargs="*", default=[], help="keys of methods to leave out (e.g. learngn rows)")
     p.add_argument("--results", default="benchmarks/results/hippocampus.md")
+    p.add_argument("--bilevel-ckpt", help="LearnGN checkpoint with a bilevel-learned λ schedule")
+    p.add_argument("--hyper-ckpt", help="λ-conditioned hypernetwork checkpoint (HyperLearnGN)")
+    p.add_argument("--schedule", help="learned AdamIO learning-rate schedule (.pt, ScheduleMetaLearner export)")
     a = p.parse_args(argv)
     data = shared_data_root() / "Hippocampus" / "Hippocampus_dataset.json"
     if not data.is_file():
@@ -160,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
               if key not in a.skip]
     rows = others[:1] + gn_rows + others[1:]
     res = {k: s for k, _, s in rows}
+    # 4. learned hyper-parameters against their hand-set defaults (val pairs)
+    hyper_rows = [(key, label, get(key, args, "val")) for key, label, args in learned_hyper(a, out)]
 
     lines = ["# Hippocampus (real MR): learned GN against handcrafted GN and the classical baselines", "",
              f"Command: `python benchmarks/hippocampus.py --ckpt {a.ckpt} --threads {a.threads}"
@@ -180,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"LearnGN − handcrafted GN: {100 * (lg - g):+.1f} Dice points; it closes "
                       f"{100 * (lg - g) / (o - g):.0f} % of the gap from handcrafted GN on MIND ({g:.4f}) to the "
                       f"oracle ({o:.4f})."]
+    if hyper_rows:
+        lines += ["", "## Learned hyper-parameters against their hand-set defaults (val pairs)", "",
+                  "Each learned setting next to the setting it replaces; every choice was made on training "
+                  "subjects only. The LearnGN rows of the table above are the reference of the first two.", "",
+                  "| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+        for _, label, s in hyper_rows:
+            m = s["metrics"]
+            lines.append(f"| {label} | " + " | ".join(fmt(m.get(c), c) for c in COLUMNS) + " |")
     lines += ["", "## Handcrafted GN: settings scored on 20 training pairs", "",
               "| setting | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
     lines += [f"| {label}{' (chosen)' if k == best[1] else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
@@ -191,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                   for d, v, s in lam_sel]
     lines += ["", "## Commands", ""]
     lines += [f"- {label}: `{s['command']}`" for _, label, s in rows]
+    lines += [f"- {label}: `{s['command']}`" for _, label, s in hyper_rows]
     lines += [f"- selection {label}: `{s['command']}`" for _, _, label, s in selection]
     lines += [f"- selection LearnGN λ {v:g}: `{s['command']}`" for _, v, s in lam_sel]
     Path(REPO / a.results).write_text("\n".join(lines) + "\n")

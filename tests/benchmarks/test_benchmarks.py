@@ -54,3 +54,28 @@ def test_hyper_sections_match_the_committed_page() -> None:
                 report_schedule.linesearch_lines(load_json("linesearch_T10"))]
     for lines in sections:
         assert "\n".join(lines) in page
+
+
+def test_hippocampus_learned_hyper_rows_and_baseline_schedule(tmp_path: Path) -> None:
+    """The learned-hyper-parameter rows of benchmarks/hippocampus.py: one per given file (and the hypernetwork's
+    two), the baseline schedule written from the learned file's own baseline values and step unit."""
+    import argparse
+
+    import torch
+
+    from benchmarks.hippocampus import learned_hyper
+    from lightning_modules.hyper.schedule import ScheduleMetaLearner, load_schedule, save_schedule
+
+    module = ScheduleMetaLearner(preset="piecewise", steps=12, baseline="piecewise")
+    with torch.no_grad():  # a "learned" schedule that differs from its baseline
+        module.schedule.mlp[-1].bias.fill_(0.3)
+    learned = save_schedule(module, tmp_path / "learned.pt")
+    args = argparse.Namespace(bilevel_ckpt=None, hyper_ckpt="h.ckpt", schedule=str(learned))
+    rows = learned_hyper(args, tmp_path / "out")
+    assert [k for k, _, _ in rows] == ["hyper_default", "hyper_auto", "adam_schedule_base", "adam_schedule_learned"]
+    assert "--lam-split" in rows[1][2] and rows[1][2][rows[1][2].index("--lam-split") + 1] == "train"
+    base = Path(rows[2][2][-1])
+    expected = [float(v) for v in module.schedule.base]
+    assert list(load_schedule(base).values) == expected
+    assert list(load_schedule(learned).values) != expected
+    assert torch.load(base, weights_only=True)["step_unit"] == module.step_unit
