@@ -149,6 +149,15 @@ def run_eval(args: list[str], out: Path, data: Path, split: str, threads: int, e
     return summary
 
 
+def table(rows: list[tuple[str, str, dict]]) -> list[str]:
+    """Markdown table lines of ``(key, label, summary)`` rows over :data:`COLUMNS`."""
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for _, label, summary in rows:
+        m = summary["metrics"]
+        lines.append(f"| {label} | " + " | ".join(fmt(m.get(c), c) for c in COLUMNS) + " |")
+    return lines
+
+
 def fmt(v: float | None, key: str) -> str:
     if v is None:
         return "–"
@@ -224,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
              "split); Dice over the two labels (anterior, posterior), HD95 in mm, folding in %, seconds per pair "
              "around the registration only (LearnGN + Adam includes the LearnGN registration). Every row is one "
              "`eval.py` run; the commands are listed below (with `--reuse`, rows already under `--out` were read "
-             "back, not rerun).", "",
-             "| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    for _, label, s in rows:
-        m = s["metrics"]
-        lines.append(f"| {label} | " + " | ".join(fmt(m.get(c), c) for c in COLUMNS) + " |")
+             "back, not rerun).", "", *table(rows)]
     if {"learngn", "gn", "oracle"} <= res.keys():
         g, lg, o = (res[k]["metrics"]["dice"] for k in ("gn", "learngn", "oracle"))
         lines += ["", f"LearnGN − handcrafted GN: {100 * (lg - g):+.1f} Dice points; it closes "
@@ -238,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "## Learned hyper-parameters against their hand-set defaults (val pairs)", "",
                   "Each learned setting next to the setting it replaces; every choice was made on training "
                   "subjects only. The LearnGN rows of the table above are the reference of the first two.", "",
-                  "| method | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-        for _, label, s in hyper_rows:
-            m = s["metrics"]
-            lines.append(f"| {label} | " + " | ".join(fmt(m.get(c), c) for c in COLUMNS) + " |")
+                  *table(hyper_rows)]
     lines += ["", "## Handcrafted GN: settings scored on 20 training pairs", "",
               "| setting | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
     lines += [f"| {label}{' (chosen)' if k == best[1] else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
