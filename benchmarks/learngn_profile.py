@@ -1,16 +1,23 @@
 """Where the time of one LearnGN registration goes (a Hippocampus val pair, the shipped model).
 
     python -m benchmarks.learngn_profile [--ckpt checkpoints/hippocampus_learngn.ckpt] [--threads 2]
+        [--repeats 5] [--json OUT.json] [--before EARLIER.json]
 
-Times ``register`` (median of 5 after a warm-up), the features alone (MIND-SSC + the semantic U-Net on both
-images) and the U-Net on one image, then lists the operators with the most CPU time in one registration (torch
-profiler). Writes ``benchmarks/results/learngn_profile.md``; skips when the Hippocampus data is absent.
+Times ``register`` (median of ``--repeats`` after a warm-up, the parts run alternately), the features alone
+(MIND-SSC + the semantic U-Net on both images), the U-Net on both images (``LearnGN.semantic_maps``) and the 10
+GN iterations on ready features, then lists the GN stages (the ``gn.*`` profiler ranges of ``layers/gn.py``) and
+the operators with the most CPU time in one registration (torch profiler). ``--json`` also writes the medians to a
+file; ``--before`` reads such a file from an earlier run (e.g. of an older commit, this script copied into its
+tree) and adds a before/after table. Writes ``benchmarks/results/learngn_profile.md``; skips when the
+Hippocampus data is absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
 import torch
 from torch.profiler import profile
@@ -20,6 +27,13 @@ from data.datamodule import RegistrationDataModule
 from lightning_modules.checkpoint import model_from_checkpoint
 from lightning_modules.learngn import LearnGN
 
+#: the timed parts, in the order of the tables
+PARTS = {"register": "`register` (features + 10 GN iterations)",
+         "features": "features: MIND-SSC + the U-Net on both images",
+         "unet": "the U-Net on both images (`semantic_maps`)",
+         "gn": "the 10 GN iterations on ready features"}
+STAGES = ("gn.warp", "gn.jf", "gn.normal_equations", "gn.solve")
+
 
 def main(argv: list[str] | None = None) -> None:
     """Time and profile one registration of the checkpoint's model, write the page."""
@@ -27,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="checkpoints/hippocampus_learngn.ckpt")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, help="also write the medians (seconds) and the load to this file")
+    p.add_argument("--before", type=Path, help="the --json file of an earlier run, for a before/after table")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = dataset_json("Hippocampus")
@@ -37,23 +54,42 @@ def main(argv: list[str] | None = None) -> None:
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     model, _ = model_from_checkpoint(REPO / a.ckpt, base=LearnGN)
+    load_start = os.getloadavg()[0]
     with torch.no_grad():
-        # median of 5 after a warm-up, one part after the other
-        total, feats, unet = [paired_medians([fn], 5)[0] for fn in (
-            lambda: model.register(batch), lambda: model.features(batch),
-            lambda: model.semantic_net(batch["fixed"]))]
+        fixed, moving = model.features(batch)
+        weights = model.channel_weights()
+        fns = {"register": lambda: model.register(batch), "features": lambda: model.features(batch),
+               "unet": lambda: model.semantic_maps(batch),
+               "gn": lambda: model.gn(fixed, moving, channel_weights=weights)}
+        seconds = dict(zip(fns, paired_medians(list(fns.values()), a.repeats)))
         with profile() as prof:
             model.register(batch)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+    load = (load_start, os.getloadavg()[0])
+    record = {"seconds": seconds, "load": load, "threads": a.threads, "when": now(seconds=False)}
+    if a.json:
+        a.json.write_text(json.dumps(record, indent=1))
+    events = prof.key_averages()
+    stage_ms = {e.key: e.cpu_time_total / 1e3 for e in events if e.key in STAGES}
+    table = events.table(sort_by="self_cpu_time_total", row_limit=12)
     lines = ["# One LearnGN registration: where the time goes", "",
-             f"Command: `python -m benchmarks.learngn_profile --ckpt {a.ckpt} --threads {a.threads}` "
-             f"({now(seconds=False)}, {os.cpu_count()} CPUs, load average "
-             f"{os.getloadavg()[0]:.1f}); the first Hippocampus val pair, 64³.", "",
-             "| part | seconds (median of 5) |", "|---|---|",
-             f"| `register` (features + 10 GN iterations) | {total:.3f} |",
-             f"| features: MIND-SSC + the U-Net on both images | {feats:.3f} |",
-             f"| the U-Net on one image | {unet:.3f} |", "",
-             "Operators with the most CPU time in one registration (torch profiler):", "", "```", table, "```", ""]
+             f"Command: `python -m benchmarks.learngn_profile --ckpt {a.ckpt} --threads {a.threads} --repeats "
+             f"{a.repeats}` ({record['when']}, {os.cpu_count()} CPUs, 1-minute load average {load[0]:.1f} at the "
+             f"start, {load[1]:.1f} at the end); the first Hippocampus val pair, 64³.", "",
+             f"| part | seconds (median of {a.repeats}) |", "|---|---|"]
+    lines += [f"| {label} | {seconds[k]:.3f} |" for k, label in PARTS.items()]
+    if a.before:
+        before = json.loads(a.before.read_text())
+        lines += ["", f"Before / after (the earlier run: {before['when']}, {before['threads']} threads, load "
+                  f"{before['load'][0]:.1f} → {before['load'][1]:.1f}; the two runs one after the other):", "",
+                  "| part | before (s) | after (s) | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {label} | {before['seconds'][k]:.3f} | {seconds[k]:.3f} | "
+                  f"{before['seconds'][k] / seconds[k]:.2f}× |" for k, label in PARTS.items()
+                  if k in before["seconds"]]
+    lines += ["", "GN stages in one registration (CPU time of the `gn.*` profiler ranges, summed over the "
+              "iterations):", "", "| stage | ms |", "|---|---|"]
+    lines += [f"| `{k}` | {stage_ms[k]:.0f} |" for k in STAGES if k in stage_ms]
+    lines += ["", "Operators with the most CPU time in one registration (torch profiler):", "", "```", table,
+              "```", ""]
     write_page(RESULTS / "learngn_profile.md", lines)
 
 

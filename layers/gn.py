@@ -17,12 +17,18 @@ intermediates (warped features, the heads' padded inputs) of every iteration, an
 backward pass; the solve (step 4) stays outside the recomputed region. The stages are marked with
 ``torch.profiler.record_function`` ranges ``gn.warp``, ``gn.jf``, ``gn.normal_equations`` and ``gn.solve``
 (no cost beyond a few microseconds when no profiler runs).
+
+A ``jf`` module with a ``prepare(fixed)`` method (:class:`layers.heads.CompactHeads`) has it called once per
+registration (:class:`GNRegistration`), and its result passed as ``prepared=`` to every iteration's call: the
+parts of the heads that do not change over the iterations (the composed kernels, the fixed features' share of
+``f``) are computed once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +207,9 @@ class GNRegistration(nn.Module):
             name this module reads λ by.
         step: step-size schedule α: a float (constant) or K values.
         coupling: ``"full"`` (n×n blocks) or ``"diagonal"`` (the reference simplification).
-        jf: optional module ``(fixed, warped) -> (J, f)`` (the learned heads); handcrafted when None.
+        jf: optional module ``(fixed, warped) -> (J, f)`` (the learned heads); handcrafted when None. When it
+            has a ``prepare(fixed)`` method, each :meth:`forward` calls it once on the padded fixed features and
+            passes the result as ``jf(fixed, warped, prepared=...)`` (module docstring).
         solver: keyword arguments for :func:`layers.gn_solve` (``rtol``, ``maxiter``, ``backend``, ...).
         detach_warp: warp with a detached copy of the current field, so gradients reach each iteration's
             ``J`` and ``f`` directly and not back through earlier warps (truncated backpropagation; the
@@ -294,9 +302,13 @@ class GNRegistration(nn.Module):
         steps = self.step_schedule.to(fixed.dtype) if step is None else step
         if lams.shape[0] != self.iterations or steps.shape[0] != self.iterations:
             raise ValueError(f"lam and step need {self.iterations} rows; got {tuple(lams.shape)}, {tuple(steps.shape)}")
+        jf = self.jf
+        if hasattr(jf, "prepare"):
+            with record_function("gn.jf"):
+                jf = partial(jf, prepared=jf.prepare(fixed_p))
         history = []
         for t in range(self.iterations):
-            u = gn_step(fixed_p, moving_p, u, lams[t], stride=s, step=steps[t], jf=self.jf,
+            u = gn_step(fixed_p, moving_p, u, lams[t], stride=s, step=steps[t], jf=jf,
                         coupling=self.coupling, detach_warp=self.detach_warp, update=self.update,
                         channel_weights=channel_weights, mask=mask_p, moving_mask=moving_mask_p,
                         recompute=self.recompute, **self.solver)

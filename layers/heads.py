@@ -15,17 +15,23 @@ the one-sided difference), then a ``4^n`` convolution of stride 2 (central diffe
 ``hidden > 0`` a nonlinear branch with a zero-initialised last layer is added to each head, so an untrained
 model still equals handcrafted GN.
 
-With ``fused=True`` each head's linear part (the ``4^n`` convolution and the box convolutions after it, all
-learned) runs as one convolution of stride ``s`` whose ``(s + 2)^n`` kernel is composed from the learned
-kernels at every call (:meth:`_Head.linear_kernel`): the same operator and the same gradients up to rounding,
-with no stride-2 intermediate and, at ``s = 4``, ``6^n`` multiply-adds per output node instead of ``2^n · 4^n``
-(a 2.4× reduction in 3D).
+The heads run in one form (:meth:`CompactHeads.prepare`, :meth:`CompactHeads.forward`): each head's linear
+part (the ``4^n`` convolution and the box convolutions after it, all learned) is one convolution of stride ``s``
+whose ``(s + 2)^n`` kernel is composed from the learned kernels (:meth:`_Head.linear_kernel`), ``6^n``
+multiply-adds per output node at ``s = 4`` instead of ``2^n · 4^n``, with no stride-2 intermediate. The ``f``
+head is linear in its input, so its linear part splits into a share of the fixed features, computed once per
+registration, and a share of the warped ones, which runs together with the ``J`` head as one convolution of
+the padded warped features (``C·n + C`` output channels). The same operator and gradients as the stride-2 chain
+of the definition up to rounding (tested against it in float64, ``tests/layers/test_heads.py``); on 14 channels
+of 64³ voxels (2 shared CPU cores) the merged convolution took 28-32 ms against 140 ms for the two heads' chains
+or their composed kernels run separately (the whole registration: ``benchmarks/results/learngn_profile.md``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from .grid import pool_to_grid, spatial_dims
 
-__all__ = ["CompactHeads", "handcrafted_jf", "linear_extrapolation_pad"]
+__all__ = ["CompactHeads", "PreparedHeads", "handcrafted_jf", "linear_extrapolation_pad"]
 
 
 def handcrafted_jf(fixed: torch.Tensor, warped: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,51 +84,67 @@ def _extrapolate_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def linear_extrapolation_pad(x: torch.Tensor) -> torch.Tensor:
-    """Pad ``(B, C, *S)`` by one voxel on each side of each axis with ``2 x[0] - x[1]`` (and mirrored).
+    """Pad ``(B, C, *S)`` by one voxel on each side of each axis with ``2 x[0] - x[1]`` (and mirrored); every
+    axis needs at least two voxels.
 
     The axes are extrapolated one after the other (the faces of axis ``a`` span the padding of the axes before
-    it), written into one padded tensor instead of concatenating a copy per axis. The backward pass is the
-    adjoint of those writes applied to one copy of the incoming gradient (autograd's own backward of the
-    in-place face writes would allocate a zero-filled full-size tensor per face read, twelve per call in 3D).
+    it), written into one padded tensor instead of concatenating a copy per axis, both faces of an axis by one
+    operation on a two-face view (:func:`_face_writes`): on the CPU each operation is a parallel region, whose
+    start costs more than a face's arithmetic when the cores are shared. The backward pass is the adjoint of those
+    writes applied to one copy of the incoming gradient (autograd's own backward of the in-place face writes
+    would allocate a zero-filled full-size tensor per face read).
     """
     return _LinearExtrapolationPad.apply(x)
 
 
-def _face_writes(x: torch.Tensor) -> Iterator[tuple[tuple, tuple, tuple]]:
-    """The face writes of :func:`linear_extrapolation_pad` on the padded tensor ``x`` in order, as index
-    tuples ``(target, a, b)`` of ``x[target] = 2 x[a] - x[b]``."""
+def _at(x: torch.Tensor, dim: int, index: tuple[int, ...]) -> torch.Tensor:
+    """A view of ``x`` at one index, or at two increasing indices, along ``dim``."""
+    if len(index) == 1:
+        return x.narrow(dim, index[0], 1)
+    size, stride = list(x.shape), list(x.stride())
+    size[dim], stride[dim] = 2, (index[1] - index[0]) * x.stride(dim)
+    return x.as_strided(size, stride, x.storage_offset() + index[0] * x.stride(dim))
+
+
+def _face_writes(x: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The face writes of :func:`linear_extrapolation_pad` on the padded tensor ``x`` in order, as views
+    ``(target, a, b)`` of ``target = 2 a - b``: per axis one write of both faces (``target`` at indices 0 and
+    ``S + 1``, ``a`` at 1 and ``S``, ``b`` at 2 and ``S - 1``), or one write per face where ``S < 4`` (the
+    views would overlap)."""
     n = x.dim() - 2
     for a in range(2, 2 + n):
-        region = [slice(None)] * 2 + [slice(None) if b < a else slice(1, -1) for b in range(2, 2 + n)]
-
-        def face(i: int, region=region, a=a) -> tuple:
-            sel = list(region)
-            sel[a] = slice(i, i + 1)
-            return tuple(sel)
-
+        region = x[(slice(None),) * 2 + tuple(slice(None) if b <= a else slice(1, -1) for b in range(2, 2 + n))]
         last = x.shape[a] - 1
-        yield face(0), face(1), face(2)
-        yield face(last), face(last - 1), face(last - 2)
+        ends = ((0, last), (1, last - 1), (2, last - 2))
+        if last - 1 >= 4:
+            yield tuple(_at(region, a, e) for e in ends)
+        else:
+            for side in (0, 1):
+                yield tuple(_at(region, a, (e[side],)) for e in ends)
 
 
 class _LinearExtrapolationPad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         n = spatial_dims(x)
-        out = F.pad(x, (1, 1) * n)
+        if min(x.shape[2:]) < 2:
+            raise ValueError(f"linear extrapolation needs two voxels per axis; got {tuple(x.shape)}")
+        out = x.new_empty(*x.shape[:2], *(s + 2 for s in x.shape[2:]))
+        out[(slice(None), slice(None)) + (slice(1, -1),) * n] = x
         for target, a, b in _face_writes(out):
-            out[target] = 2 * out[a] - out[b]
+            torch.mul(a, 2, out=target)
+            target.sub_(b)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # the adjoint of each write, in reverse order; a target is never read by the writes before it, nor by
+        # the adjoints after it (nor returned), so it need not be cleared
         grad = grad.clone()
-        for target, a, b in reversed(list(_face_writes(grad))):  # the adjoint of each write, in reverse order
-            g = grad[target].clone()
-            grad[target] = 0
-            grad[a] += 2 * g
-            grad[b] -= g
+        for target, a, b in reversed(list(_face_writes(grad))):
+            a.add_(target, alpha=2)
+            b.sub_(target)
         return grad[(slice(None), slice(None)) + (slice(1, -1),) * (grad.dim() - 2)]
 
 
@@ -141,12 +163,13 @@ def _separable(kernels: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _Head(nn.Module):
-    """Strided linear head ``in_ch -> out_ch`` (+ optional zero-initialised nonlinear branch)."""
+    """The parameters of one strided head ``in_ch -> out_ch``: the linear stride-2 chain ``first``, ``rest``
+    (run composed, :meth:`linear_kernel`) and an optional zero-initialised nonlinear ``branch`` of the padded
+    input; :class:`CompactHeads` applies them."""
 
-    def __init__(self, n: int, in_ch: int, out_ch: int, stride: int, hidden: int, fused: bool = False) -> None:
+    def __init__(self, n: int, in_ch: int, out_ch: int, stride: int, hidden: int) -> None:
         super().__init__()
         levels = _check_stride(stride)
-        self.stride, self.fused = stride, bool(fused)
         conv = nn.Conv2d if n == 2 else nn.Conv3d
         self.first = conv(in_ch, out_ch, 4, stride=2, bias=False)
         self.rest = nn.ModuleList(conv(out_ch, out_ch, 2, stride=2, bias=False) for _ in range(levels - 1))
@@ -179,17 +202,32 @@ class _Head(nn.Module):
             step *= 2
         return kernel
 
-    def forward(self, x_padded: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            conv = F.conv2d if x_padded.dim() == 4 else F.conv3d
-            y = conv(x_padded, self.linear_kernel(), stride=self.stride)
-        else:
-            y = self.first(x_padded)
-            for c in self.rest:
-                y = c(y)
-        if self.branch is not None:
-            y = y + self.branch(x_padded)
-        return y
+
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` views the same memory as ``a`` with the same layout (``a`` itself, or a detached alias of
+    it such as the input that activation checkpointing recomputes with); ``a`` is held alive, so no other
+    tensor can have its address."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() \
+        and a.dtype == b.dtype and a.device == b.device
+
+
+@dataclass(frozen=True)
+class PreparedHeads:
+    """What :meth:`CompactHeads.prepare` computes once per registration from the fixed features and the
+    weights, for every ``forward`` of that registration.
+
+    Attributes:
+        fixed: the fixed features ``(B, C, *Sp)`` it was prepared for (``forward`` accepts them or an alias).
+        fixed_padded: ``fixed`` after :func:`linear_extrapolation_pad`, ``(B, C, *(Sp + 2))``.
+        kernel: ``(C·n + C, C, *(s + 2,)*n)``: the composed kernels of the ``J`` head and of the ``f`` head's
+            warped-feature share, stacked along the output channels (one convolution of stride ``s``).
+        fixed_share: ``(B, C, *G)``: the ``f`` head's linear part applied to the fixed features (feature units).
+    """
+
+    fixed: torch.Tensor
+    fixed_padded: torch.Tensor
+    kernel: torch.Tensor
+    fixed_share: torch.Tensor
 
 
 class CompactHeads(nn.Module):
@@ -200,31 +238,22 @@ class CompactHeads(nn.Module):
         channels: feature channels ``C``.
         stride: grid stride ``s`` (a power of two >= 2).
         hidden: width of an optional nonlinear branch per head (0: purely linear heads, the reference).
-        fused: run each head's linear part as one stride-``s`` convolution with the composed kernel (see the
-            module docstring; equal up to rounding, fewer operations and no stride-2 intermediate). The
-            parameters and the state dict are the same either way; the attribute may be switched.
 
-    ``forward(fixed, warped)`` with both ``(B, C, *Sp)`` (``Sp`` a multiple of ``s``) returns
-    ``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)``.
+    ``forward(fixed, warped, prepared=None)`` with both ``(B, C, *Sp)`` (``Sp`` a multiple of ``s``) returns
+    ``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)``; ``prepared``: :meth:`prepare` of ``fixed`` (the same
+    tensor), to be reused over the iterations of one registration (:class:`layers.gn.GNRegistration` does).
+    The linear parts run as composed convolutions, the ``f`` head split into its fixed and warped shares (module
+    docstring, docs/design.md §4).
     """
 
-    def __init__(self, n: int, channels: int, stride: int = 4, hidden: int = 0, fused: bool = False) -> None:
+    def __init__(self, n: int, channels: int, stride: int = 4, hidden: int = 0) -> None:
         super().__init__()
         if n not in (2, 3):
             raise ValueError(f"n must be 2 or 3; got {n}")
         self.n, self.channels, self.stride = n, channels, stride
-        self.j_head = _Head(n, channels, channels * n, stride, hidden, fused)
-        self.f_head = _Head(n, 2 * channels, channels, stride, hidden, fused)
+        self.j_head = _Head(n, channels, channels * n, stride, hidden)
+        self.f_head = _Head(n, 2 * channels, channels, stride, hidden)
         self.reset_to_handcrafted()
-
-    @property
-    def fused(self) -> bool:
-        """Whether the linear parts run as one composed convolution per head (``fused`` of the constructor)."""
-        return self.j_head.fused
-
-    @fused.setter
-    def fused(self, value: bool) -> None:
-        self.j_head.fused = self.f_head.fused = bool(value)
 
     @torch.no_grad()
     def reset_to_handcrafted(self) -> None:
@@ -244,15 +273,41 @@ class CompactHeads(nn.Module):
             wf[ch, ch] = -smooth  # fixed channels come first
             wf[ch, c + ch] = smooth
 
-    def forward(self, fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if fixed.shape != warped.shape or fixed.shape[1] != self.channels:
-            raise ValueError(
-                f"fixed {tuple(fixed.shape)} and warped {tuple(warped.shape)} must match with "
-                f"{self.channels} channels"
-            )
+    def _conv(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        return (F.conv2d if self.n == 2 else F.conv3d)(x, kernel, stride=self.stride)
+
+    def prepare(self, fixed: torch.Tensor) -> PreparedHeads:
+        """The parts of the heads that depend on the fixed features ``(B, C, *Sp)`` and the weights only
+        (:class:`PreparedHeads`), differentiable in both: the composed kernels (:meth:`_Head.linear_kernel`)
+        and the ``f`` head's share of the fixed features (its kernel's first ``C`` input channels)."""
+        self._check(fixed, "fixed")
+        c = self.channels
+        kernel_f = self.f_head.linear_kernel()
+        kernel = torch.cat([self.j_head.linear_kernel(), kernel_f[:, c:]])
+        fixed_padded = linear_extrapolation_pad(fixed)
+        share = self._conv(fixed_padded, kernel_f[:, :c])
+        return PreparedHeads(fixed, fixed_padded, kernel, share)
+
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        if spatial_dims(x, name) != self.n or x.shape[1] != self.channels:
+            raise ValueError(f"{name} must have {self.channels} channels and {self.n} spatial dims, "
+                             f"(B, {self.channels}, *Sp); got {tuple(x.shape)}")
+
+    def forward(self, fixed: torch.Tensor, warped: torch.Tensor, prepared: PreparedHeads | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fixed.shape != warped.shape:
+            raise ValueError(f"fixed {tuple(fixed.shape)} and warped {tuple(warped.shape)} must match")
+        if prepared is None:
+            prepared = self.prepare(fixed)
+        elif not _same_data(prepared.fixed, fixed):
+            raise ValueError("prepared was made by prepare() for other fixed features than these")
+        self._check(warped, "warped")
+        n, c = self.n, self.channels
         w = linear_extrapolation_pad(warped)
-        jac = self.j_head(w)
-        b = jac.shape[0]
-        jac = jac.reshape(b, self.channels, self.n, *jac.shape[2:])
-        res = self.f_head(torch.cat([linear_extrapolation_pad(fixed), w], dim=1))
-        return jac, res
+        out = self._conv(w, prepared.kernel)  # (B, C·n + C, *G)
+        jac, res = out[:, : c * n], out[:, c * n :] + prepared.fixed_share
+        if self.j_head.branch is not None:
+            jac = jac + self.j_head.branch(w)
+        if self.f_head.branch is not None:
+            res = res + self.f_head.branch(torch.cat([prepared.fixed_padded, w], dim=1))
+        return jac.reshape(jac.shape[0], c, n, *jac.shape[2:]), res

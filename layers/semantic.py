@@ -34,7 +34,11 @@ class SemanticNet(nn.Module):
             output block's width); small by default so that the network trains on a CPU and its checkpoint
             stays small (about 0.3 M parameters).
 
-    Every axis of ``S`` must be a multiple of 16 (four pooling levels).
+    Every axis of ``S`` must be a multiple of 16 (four pooling levels). In 3D the convolution weights are kept
+    channels-last (``torch.channels_last_3d``; the values, the state dict and the gradients are unchanged): the
+    convolutions then work on channels-last activations, which PyTorch's CPU (oneDNN) convolutions run without
+    converting every layer's input and output (0.44 s against 0.52 s for a pair of 64³ images on one shared CPU
+    core).
     """
 
     def __init__(self, n: int, labels: int, features: Sequence[int] = (8, 16, 24, 32, 48, 8)) -> None:
@@ -52,6 +56,8 @@ class SemanticNet(nn.Module):
         self.net = BasicUNet(spatial_dims=n, in_channels=1, out_channels=self.labels, features=features,
                              act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
                              norm=("instance", {"affine": True}))
+        if n == 3:
+            self.net.to(memory_format=torch.channels_last_3d)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         n = spatial_dims(image, "image")

@@ -1,7 +1,7 @@
 """The training-memory and speed options of the GN layer: GNRegistration(recompute=True) gives the same values
-and gradients as storing everything and saves fewer bytes for backward (docs/design.md §3); CompactHeads(fused=True)
-gives the same operator and gradients up to rounding (docs/design.md §4); linear_extrapolation_pad's hand-written
-backward equals autograd's through its face writes."""
+and gradients as storing everything and saves fewer bytes for backward (docs/design.md §3); the heads prepared once
+per registration give the same field and gradients as the heads' definition called every iteration (docs/design.md
+§4); linear_extrapolation_pad's hand-written backward equals autograd's through its face writes."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from layers.gn import GNRegistration
 from layers.heads import CompactHeads, linear_extrapolation_pad
+from tests.layers.test_heads import _reference_heads
 
 SHAPE = (20, 24, 28)  # padded to 20×24×28 at stride 4 (no padding), grid 5×6×7
 CHANNELS = 3
@@ -22,14 +23,26 @@ def _smooth(shape, channels, seed):
     return (x - x.mean()) / x.std()
 
 
-def _model(recompute, hidden=4, fused=False):
+class _DefinitionHeads(torch.nn.Module):
+    """The heads by their definition (``tests/layers/test_heads.py``), with no ``prepare``: what the GN loop
+    computed before the heads were prepared once per registration."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, fixed, warped):
+        return _reference_heads(self.heads, fixed, warped)
+
+
+def _model(recompute, hidden=4, definition=False):
     torch.manual_seed(0)
-    heads = CompactHeads(3, CHANNELS, stride=4, hidden=hidden, fused=fused).double()
+    heads = CompactHeads(3, CHANNELS, stride=4, hidden=hidden).double()
     with torch.no_grad():  # away from the handcrafted initialisation, so every weight matters
         for p in heads.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return GNRegistration(iterations=3, stride=4, lam=(0.5, 0.2), jf=heads, solver={"rtol": 1e-10},
-                          recompute=recompute).double()
+    return GNRegistration(iterations=3, stride=4, lam=(0.5, 0.2), jf=_DefinitionHeads(heads) if definition else heads,
+                          solver={"rtol": 1e-10}, recompute=recompute).double()
 
 
 def _inputs():
@@ -40,9 +53,9 @@ def _inputs():
     return fixed, moving, lam, mask
 
 
-def _run(recompute, detach_warp, fused=False):
+def _run(recompute, detach_warp, definition=False):
     """The field ``(1, 3, *SHAPE)`` and the gradients of a loss w.r.t. the features, λ and the heads' weights."""
-    model = _model(recompute, fused=fused)
+    model = _model(recompute, definition=definition)
     model.detach_warp = detach_warp
     fixed, moving, lam, mask = _inputs()
     out = model(fixed, moving, lam=lam, mask=mask, moving_mask=mask)
@@ -96,31 +109,6 @@ def test_recompute_has_no_effect_without_gradients():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("n,shape,stride", [(2, (16, 24), 2), (2, (32, 48), 8), (3, (8, 12, 16), 4),
-                                            (3, (16, 8, 16), 8)])
-@pytest.mark.parametrize("hidden", [0, 3])
-def test_fused_heads_are_the_same_operator(n, shape, stride, hidden):
-    torch.manual_seed(1)
-    heads = CompactHeads(n, 2, stride, hidden=hidden).double()
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    fixed = torch.randn(2, 2, *shape, dtype=torch.float64)
-    warped = torch.randn(2, 2, *shape, dtype=torch.float64, requires_grad=True)
-    outs, grads = [], []
-    for fused in (False, True):
-        heads.fused = fused
-        jac, res = heads(fixed, warped)
-        loss = (jac * torch.cos(torch.arange(jac.numel(), dtype=torch.float64).view_as(jac))).sum() + res.pow(2).sum()
-        outs.append((jac, res))
-        grads.append(torch.autograd.grad(loss, [warped, *heads.parameters()]))
-    assert heads.j_head.linear_kernel().shape[2:] == (stride + 2,) * n
-    for a, b in zip(*outs):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-11)
-
-
 def test_the_composed_kernel_of_the_initial_heads_is_the_handcrafted_one():
     # at initialisation the J head's composed kernel of channel 0, axis 0, is the central difference along
     # axis 0 spread over 4 voxels by the boxes, on the padded grid: taps 0..5 = (-1, -1, 0, 0, 1, 1) / 8 along
@@ -130,19 +118,22 @@ def test_the_composed_kernel_of_the_initial_heads_is_the_handcrafted_one():
     along = torch.tensor([-1, -1, 0, 0, 1, 1], dtype=torch.float64) / 8
     across = torch.tensor([0, 1, 1, 1, 1, 0], dtype=torch.float64) / 4
     torch.testing.assert_close(kernel, along[:, None] * across[None, :], rtol=0, atol=1e-15)
-    x = linear_extrapolation_pad(torch.arange(64.0, dtype=torch.float64).view(1, 1, 8, 8))
-    assert torch.allclose(heads.j_head(x)[0, 0], torch.full((2, 2), 8.0, dtype=torch.float64))  # slope 8 along 0
+    x = torch.arange(64.0, dtype=torch.float64).view(1, 1, 8, 8)
+    assert torch.allclose(heads(x, x)[0][0, 0, 0], torch.full((2, 2), 8.0, dtype=torch.float64))  # slope 8 along 0
 
 
-def test_fused_heads_in_gn_give_the_same_field_and_gradients():
-    disp_ref, grads_ref = _run(False, False)
-    disp, grads = _run(True, False, fused=True)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_prepared_heads_in_gn_give_the_definitions_field_and_gradients(recompute):
+    """GN with the heads prepared once per registration against the heads' definition called every iteration:
+    the same field and gradients (features, λ, weights) to float64 rounding (CG at rtol 1e-10)."""
+    disp_ref, grads_ref = _run(False, False, definition=True)
+    disp, grads = _run(recompute, False)
     torch.testing.assert_close(disp, disp_ref, rtol=0, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10 * max(1.0, float(g_ref.abs().max())))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 4, 5, 6), (1, 1, 2, 3, 2), (1, 2, 1, 4)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 4, 5, 6), (1, 1, 2, 3, 2), (1, 2, 2, 4), (1, 1, 6, 3, 9)])
 def test_the_padding_backward_is_the_adjoint_of_its_writes(shape):
     # linear_extrapolation_pad's hand-written backward against autograd through the same in-place face writes
     from layers.heads import _face_writes
@@ -150,7 +141,7 @@ def test_the_padding_backward_is_the_adjoint_of_its_writes(shape):
     def by_autograd(x):
         out = F.pad(x, (1, 1) * (x.dim() - 2))
         for target, a, b in _face_writes(out):
-            out[target] = 2 * out[a] - out[b]
+            target.copy_(2 * a - b)
         return out
 
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
