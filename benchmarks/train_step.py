@@ -6,9 +6,7 @@
 The model: ``LearnGN(spatial_dims=3, features="mind", iterations=10, stride=4, hidden=h, label_loss="dice",
 w_label=1, w_reg=1)`` with ``label_ids`` the non-zero labels present in the pair, per ``--hidden`` value and per
 ``--variants`` entry (``base``: as configured by default; ``recompute``: ``LearnGN(recompute=True)``, the
-full-resolution part of each GN iteration recomputed in the backward pass, docs/design.md §3; ``fused``:
-``LearnGN(fused_heads=True)``, each head's linear part one stride-4 convolution with the composed kernel,
-docs/design.md §4; ``recompute+fused``: both). One training
+full-resolution part of each GN iteration recomputed in the backward pass, docs/design.md §3). One training
 step = ``model.register(batch)``, ``loss = sum(model.loss_terms(batch, u).values())``, ``loss.backward()``
 (no optimiser step). For each configuration:
 
@@ -67,8 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 import layers.gn as gn_module  # noqa: E402
 from lightning_modules.learngn import LearnGN  # noqa: E402
 
-VARIANTS = {"base": {}, "recompute": {"recompute": True}, "fused": {"fused_heads": True},
-            "recompute+fused": {"recompute": True, "fused_heads": True}}
+VARIANTS = {"base": {}, "recompute": {"recompute": True}}
 STAGES = ("features", "gn.warp", "gn.jf", "gn.normal_equations", "gn.solve", "loss", "backward")
 GIB = 2.0**30
 
@@ -415,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
                    "benchmarks/results/train_step_<device>.md)")
     p.add_argument("--size", type=int, nargs=3, default=(160, 192, 224), metavar=("D", "H", "W"))
     p.add_argument("--hidden", type=int, nargs="+", default=[0, 8])
-    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["base", "recompute", "recompute+fused"])
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["base", "recompute"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--budget", type=float, default=90.0,

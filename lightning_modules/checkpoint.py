@@ -204,8 +204,14 @@ def rename_legacy_keys(state_dict: dict[str, Any], prefix: str = "") -> None:
                 break
 
 
+#: hyper-parameters of retired options that older checkpoints record, dropped when they are loaded: the
+#: behaviour they switched on is now the only one (``fused_heads``: composed stride-``s`` head convolutions,
+#: :class:`layers.heads.CompactHeads`)
+RETIRED_HPARAMS = frozenset({"fused_heads"})
+
+
 def _init_kwargs(cls: type, hparams: dict[str, Any], path: Path, what: str) -> dict[str, Any]:
-    kwargs = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    kwargs = {k: v for k, v in hparams.items() if not str(k).startswith("_") and k not in RETIRED_HPARAMS}
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))

@@ -98,9 +98,6 @@ class LearnGN(RegistrationModule):
         step: GN step size α.
         coupling: ``"full"`` or ``"diagonal"``.
         hidden: width of the optional nonlinear branch of each head (0 = linear heads, the reference).
-        fused_heads: ignored, accepted so that configs and checkpoints that set it still load: the heads always run
-            their linear parts as composed stride-``s`` convolutions (:class:`layers.heads.CompactHeads`,
-            docs/design.md §4), which this option used to switch on.
         encoder_hidden: width of an optional learned residual feature encoder
             (:class:`layers.encoder.FeatureEncoder`, zero-initialised, shared by fixed and moving; 0 = none).
         encoder_depth: hidden layers of that encoder.
@@ -156,7 +153,6 @@ class LearnGN(RegistrationModule):
         step: float = 1.0,
         coupling: str = "full",
         hidden: int = 0,
-        fused_heads: bool = False,
         encoder_hidden: int = 0,
         encoder_depth: int = 4,
         encoder_lr: float | None = None,

@@ -166,6 +166,20 @@ def test_model_round_trip_and_mismatches(tmp_path):
         model_from_checkpoint(gn, base=LearnGN)
 
 
+def test_retired_hyper_parameters_of_older_checkpoints_are_dropped(tmp_path):
+    """A checkpoint that records a retired option (``fused_heads``, now the only behaviour) still builds its
+    class, also a subclass whose ``__init__`` passes ``**kwargs`` on (where an unknown key would be a TypeError)."""
+    from lightning_modules.hyper import BilevelLearnGN
+
+    for model in (LearnGN(**GN), BilevelLearnGN(**GN)):
+        path = saved_model(tmp_path / f"{type(model).__name__}.ckpt", model)
+        ck = torch.load(path, weights_only=True)
+        ck["hyper_parameters"] = {**dict(model.hparams), "fused_heads": True}
+        torch.save(ck, path)
+        loaded, _ = model_from_checkpoint(path, base=LearnGN)
+        assert type(loaded) is type(model) and "fused_heads" not in loaded.hparams
+
+
 def test_exported_weights_rebuild_the_same_model(tmp_path):
     from lightning_modules.checkpoint import export_weights, model_from_checkpoint
     from lightning_modules.learngn import LearnGN
