@@ -103,7 +103,7 @@ def learned_hyper(a: argparse.Namespace, out: Path) -> list[tuple[str, str, list
                      "0.2 hinge)",
                      ["--method", "learngn", "--ckpt", a.hyper_ckpt, "--lam", "auto", "--lam-split", "train",
                       "--lam-guard", "sdlogj", "--lam-guard-margin", f"{SDLOGJ_TARGET:g}", "--lam-guard-weight", "2",
-                      "--lam-search", "7", "6"]))
+                      "--lam-search", "7", "6", "--data-arg", "batch_size=2"]))  # 4 batches of 2 pairs
     if a.schedule:
         base = baseline_schedule(Path(a.schedule), out / "baseline_schedule.pt")
         adam = ["--method", "adam", "--method-config", "configs/baselines/adam_piecewise.yaml", "--schedule"]
@@ -117,7 +117,8 @@ def learned_hyper(a: argparse.Namespace, out: Path) -> list[tuple[str, str, list
 def baseline_schedule(learned: Path, dest: Path) -> tuple[Path, int]:
     """Write the baseline a learned schedule file started from (its ``"baseline"`` values, same step unit) to
     ``dest``; returns ``(dest, T)``."""
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     from lightning_modules.checkpoint import load_checkpoint
     from lightning_modules.hyper.schedule import save_schedule
 

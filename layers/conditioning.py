@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,13 +112,21 @@ class FiLMHeads(nn.Module):
         finally:
             self._log_lam = previous
 
-    def forward(self, fixed: torch.Tensor, warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)`` of the heads, FiLM-modulated."""
+    def prepare(self, fixed: torch.Tensor) -> Any:
+        """The wrapped heads' per-registration preparation (``heads.prepare``, e.g.
+        :meth:`layers.heads.CompactHeads.prepare`): FiLM acts on the heads' outputs, so what they compute once
+        from the fixed features and the weights is unchanged."""
+        return self.heads.prepare(fixed)
+
+    def forward(self, fixed: torch.Tensor, warped: torch.Tensor, prepared: Any = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``J`` ``(B, C, n, *G)`` and ``f`` ``(B, C, *G)`` of the heads, FiLM-modulated (``prepared``: this
+        module's :meth:`prepare` of ``fixed``, passed on to the heads)."""
         if self._log_lam is None:
             raise RuntimeError(
                 "FiLMHeads called without a conditioning value: use `with heads.condition(log_lam):`"
             )
-        jac, res = self.heads(fixed, warped)
+        jac, res = self.heads(fixed, warped) if prepared is None else self.heads(fixed, warped, prepared=prepared)
         (sj, bj), (sf, bf) = self.film(self._log_lam.to(jac.device))
         bsz, nd = jac.shape[0], jac.dim() - 3
         if sj.shape[0] not in (1, bsz):

@@ -228,6 +228,8 @@ class PreparedHeads:
     fixed_padded: torch.Tensor
     kernel: torch.Tensor
     fixed_share: torch.Tensor
+    #: ``fixed._version`` at preparation (an in-place change of the features afterwards makes it stale)
+    version: int = 0
 
 
 class CompactHeads(nn.Module):
@@ -286,7 +288,7 @@ class CompactHeads(nn.Module):
         kernel = torch.cat([self.j_head.linear_kernel(), kernel_f[:, c:]])
         fixed_padded = linear_extrapolation_pad(fixed)
         share = self._conv(fixed_padded, kernel_f[:, :c])
-        return PreparedHeads(fixed, fixed_padded, kernel, share)
+        return PreparedHeads(fixed, fixed_padded, kernel, share, fixed._version)
 
     def _check(self, x: torch.Tensor, name: str) -> None:
         if spatial_dims(x, name) != self.n or x.shape[1] != self.channels:
@@ -301,6 +303,8 @@ class CompactHeads(nn.Module):
             prepared = self.prepare(fixed)
         elif not _same_data(prepared.fixed, fixed):
             raise ValueError("prepared was made by prepare() for other fixed features than these")
+        elif fixed._version != prepared.version:
+            raise ValueError("the fixed features were changed in place after prepare(): prepare them again")
         self._check(warped, "warped")
         n, c = self.n, self.channels
         w = linear_extrapolation_pad(warped)

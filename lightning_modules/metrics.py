@@ -182,7 +182,9 @@ def _masked_std(x: torch.Tensor, region: torch.Tensor, count: torch.Tensor) -> t
     denom = count.clamp_min(1).to(x.dtype)
     mean = torch.where(region, x, zero).sum(1) / denom
     var = torch.where(region, (x - mean[:, None]) ** 2, zero).sum(1) / denom
-    return var.sqrt()
+    # the same values as var.sqrt(), with a zero (not NaN) gradient where the spread is exactly 0
+    spread = var > 0
+    return torch.where(spread, torch.where(spread, var, torch.ones_like(var)).sqrt(), zero[:, 0])
 
 
 def jacobian_stats(

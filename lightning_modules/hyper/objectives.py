@@ -57,6 +57,10 @@ def sdlogj_excess(u: torch.Tensor, bound: float, mask: torch.Tensor | None = Non
 
     Returns:
         scalar, dimensionless. Pairs with an empty region (NaN SDlogJ) count as 0.
+
+    The metric clamps ``det J`` at 1e-9 before the log, so folded voxels add to SDlogJ but pass no gradient:
+    the guard steers fold-free fields (pair it with ``"negjac"``-style terms where folding is expected; the
+    evaluation reports folding separately).
     """
     sd = jacobian_stats(u, mask)["sdlogj"]
     return torch.relu(torch.nan_to_num(sd, nan=0.0) - bound).mean()

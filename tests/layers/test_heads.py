@@ -137,5 +137,10 @@ def test_prepared_heads_are_reused_only_for_their_own_fixed_features():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="other fixed features"):
         heads(fixed.clone(), warped, prepared=prepared)
+    changed = fixed.clone()
+    again = heads.prepare(changed)
+    changed.mul_(2.0)  # the same tensor, changed in place after prepare: refused, not silently stale
+    with pytest.raises(ValueError, match="changed in place"):
+        heads(changed, warped, prepared=again)
     with pytest.raises(ValueError, match="must match"):
         heads(fixed, F.pad(warped, (0, 4)))

@@ -275,6 +275,10 @@ def test_sdlogj_excess_is_the_hinge_of_the_metric():
     over = sdlogj_excess(u, 2 * sd)
     assert float(over) == 0.0
     assert float(regularity_guard(u, "sdlogj", margin=0.5 * sd)) == pytest.approx(0.5 * sd, rel=1e-10)
+    # zero spread (a translation): zero, finite gradient (the std's square root at 0)
+    shift = torch.full((1, 2, 16, 16), 0.3, dtype=torch.float64, requires_grad=True)
+    (g0,) = torch.autograd.grad(sdlogj_excess(shift, 0.2) + sdlogj_excess(shift, 0.0), shift)
+    assert torch.isfinite(g0).all() and float(g0.abs().max()) == 0.0
     mask = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
     mask[..., :, 2:8] = 1  # the metric's region: columns 2..7 only
     ref = float(np.std(np.log1p(c.numpy()[2:8])))

@@ -74,6 +74,23 @@ def test_film_is_the_identity_at_initialisation():
     assert torch.equal(jac, ref_j) and torch.equal(res, ref_f)
 
 
+
+def test_film_heads_pass_the_heads_preparation_on():
+    """FiLM acts on the heads' outputs: with the heads' prepare() (what GNRegistration calls once per
+    registration) the modulated J and f are those computed without it (float64)."""
+    heads = CompactHeads(2, 3, 4).double()
+    cond = FiLMHeads(heads, (math.log(1e-3), 0.0)).double()
+    with torch.no_grad():
+        cond.film.mlp[-1].bias.uniform_(-0.5, 0.5)  # a non-identity modulation
+    f, w = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with cond.condition(torch.tensor(-3.0, dtype=torch.float64)):
+        plain = cond(f, w)
+        prepared = cond(f, w, prepared=cond.prepare(f))
+    assert not torch.allclose(plain[1], heads(f, w)[1])
+    for a, b in zip(prepared, plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def _float64(batch: dict) -> dict:
     return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
 
