@@ -50,6 +50,9 @@ import yaml
 log = logging.getLogger("eval")
 
 METHODS = ("learngn", "gn", "adam", "convexadam", "identity")
+#: ``--lam-guard`` choices: the values of ``lightning_modules.hyper.objectives.Guard`` (not imported here, it pulls
+#: in Lightning; a test checks the two agree)
+LAM_GUARDS = ("diffusion", "negjac", "sdlogj", "none")
 
 #: exit status: every pair registered / some pairs failed / every pair failed (or none) / refused before any ran
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ALL_FAILED, EXIT_REFUSED = 0, 3, 4, 2
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam-split", default="val", choices=("val", "train", "hyper"),
                    help="--lam auto: the split λ is chosen on (default val; use train or hyper when val is the "
                         "split you report)")
-    p.add_argument("--lam-guard", default="diffusion", choices=("diffusion", "negjac", "sdlogj", "none"),
+    p.add_argument("--lam-guard", default="diffusion", choices=LAM_GUARDS,
                    help="--lam auto: the regularity guard of the selection loss (sdlogj with --lam-guard-margin "
                         "0.2: the best Dice with SDlogJ ≤ 0.2)")
     p.add_argument("--lam-guard-margin", type=float, default=0.0,
@@ -147,6 +150,22 @@ def load_learngn(ckpt: str, what: str = "--ckpt"):
                                  expected="a Lightning checkpoint (.ckpt) of a LearnGN model of this project")
 
 
+def check_lam_options(args: argparse.Namespace) -> None:
+    """Refuse ``--lam-*`` selection options that are out of range, or given without ``--lam auto``, before any
+    work."""
+    auto = isinstance(args.lam, str) and args.lam.strip().lower() == "auto"
+    defaults = build_parser().parse_args([])
+    given = [f"--{k.replace('_', '-')}" for k in ("lam_split", "lam_guard", "lam_guard_margin", "lam_guard_weight",
+                                                  "lam_search") if getattr(args, k) != getattr(defaults, k)]
+    if given and not auto:
+        raise SystemExit(f"error: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --lam auto only")
+    if args.lam_guard_weight < 0:
+        raise SystemExit(f"error: --lam-guard-weight must be >= 0; got {args.lam_guard_weight}")
+    sweep, steps = args.lam_search
+    if sweep < 0 or steps < 0 or sweep + steps == 0:
+        raise SystemExit(f"error: --lam-search needs SWEEP, STEPS >= 0, not both 0; got {sweep} {steps}")
+
+
 def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
     """``--lam``: set the λ of the LearnGN model (``--method learngn``) or of the LearnGN that starts an Adam
     refinement (``--init-ckpt``); ``auto`` chooses it on the ``--lam-split`` pairs of the data module ``dm``
@@ -154,7 +173,7 @@ def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
     target = model if args.method == "learngn" else getattr(model, "initialiser", None)
     if target is None:
         raise SystemExit("error: --lam applies to --method learngn and to the model of --init-ckpt")
-    from lightning_modules.hyper.hypernet import resolve_lambda
+    from lightning_modules.hyper.hypernet import is_auto, resolve_lambda
 
     if not is_auto(args.lam):
         log.info("using λ = %g", resolve_lambda(target, args.lam))
@@ -166,16 +185,11 @@ def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
     except RuntimeError as exc:  # no such split (hyper without hyper_fraction) or an empty one
         raise SystemExit(f"error: --lam-split {args.lam_split}: {exc}") from None
     sweep, steps = args.lam_search
-    if sweep < 0 or steps < 0 or sweep + steps == 0:
-        raise SystemExit(f"error: --lam-search needs SWEEP, STEPS >= 0, not both 0; got {sweep} {steps}")
     lam = resolve_lambda(target, args.lam, loader, guard=args.lam_guard, guard_margin=args.lam_guard_margin,
                          w_guard=args.lam_guard_weight, sweep_points=sweep, steps=steps)
     log.info("using λ = %g (chosen on the %s split)", lam, args.lam_split)
 
 
-def is_auto(lam: str | None) -> bool:
-    """Whether a ``--lam`` value asks for automatic selection."""
-    return isinstance(lam, str) and lam.strip().lower() == "auto"
 
 
 def read_method_config(path: str) -> dict[str, Any]:
@@ -279,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.compare:
         sys.stdout.write(compare(args.compare))
         return None
+    check_lam_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     with deterministic_mode(args.deterministic):
@@ -447,7 +462,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("error: --data and --fixed/--moving exclude each other")
     if args.no_disp:
         raise SystemExit("error: --no-disp does not apply to --fixed/--moving (disp.nii.gz is what --apply reads)")
-    if is_auto(args.lam):
+    if isinstance(args.lam, str) and args.lam.strip().lower() == "auto":
         raise SystemExit("error: --lam auto chooses λ on a validation split; give a value with --fixed/--moving")
 
     from lightning.fabric.utilities.apply_func import move_data_to_device

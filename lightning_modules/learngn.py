@@ -375,13 +375,8 @@ class LearnGN(RegistrationModule):
         warmup = semantic and self.current_epoch < self.hparams.semantic_warmup
         # the semantic maps are computed once per step, for the registration and for their own loss
         maps = self.semantic_maps(batch) if semantic else None
-        if warmup:
-            terms = {}
-            bsz = batch["fixed"].shape[0]
-        else:
-            u = self.register(batch) if maps is None else self.run(batch, maps=maps).disp
-            terms = self.loss_terms(batch, u)
-            bsz = u.shape[0]
+        terms = {} if warmup else self.registration_terms(batch, maps)
+        bsz = batch["fixed"].shape[0]
         if semantic and self.hparams.w_semantic > 0:
             terms["semantic"] = self.semantic_term(batch, maps)
         loss = torch.stack(list(terms.values())).sum()
@@ -392,6 +387,13 @@ class LearnGN(RegistrationModule):
         for k, v in terms.items():
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bsz, sync_dist=True)
         return loss
+
+    def registration_terms(self, batch: dict[str, Any], maps: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+        """The registration's loss terms (:meth:`loss_terms`) of a training step, the field at the model's λ
+        (``maps``: the batch's :meth:`semantic_maps` when already computed); subclasses choose the λ."""
+        u = self.register(batch) if maps is None else self.run(batch, maps=maps).disp
+        return self.loss_terms(batch, u)
 
     def param_groups(self, params) -> list[dict[str, Any]]:
         """Adam parameter groups for ``params``: the encoder's parameters (when ``encoder_lr`` is set), the

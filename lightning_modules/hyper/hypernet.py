@@ -43,6 +43,7 @@ __all__ = [
     "LambdaSelection",
     "apply_lambda",
     "current_lambda",
+    "is_auto",
     "resolve_lambda",
     "run_with_log_lam",
     "select_lambda",
@@ -95,11 +96,6 @@ class HyperLearnGN(LearnGN):
             raise ValueError(f"need 0 < lam_min < lam_max; got {lam_min}, {lam_max}")
         if lam_eval is not None:
             check_number("lam_eval", lam_eval, low=0, strict=True)
-        if kwargs.get("semantic") and kwargs.get("semantic_warmup", 0) > 0:
-            raise ValueError(
-                "HyperLearnGN trains the registration from its first step: semantic_warmup must be 0 (warm the "
-                "semantic network up in a LearnGN run and start from it with init_from)"
-            )
         super().__init__(**kwargs)
         if not 0 <= check_number("p_end", p_end) <= 1:
             raise ValueError(f"p_end must be in [0, 1]; got {p_end}")
@@ -169,24 +165,18 @@ class HyperLearnGN(LearnGN):
             opt, lambda step: 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """One step at a drawn ``log λ``; a semantic model's maps feed the registration and, as in
-        :meth:`LearnGN.training_step` after its warm-up, their own loss (``w_semantic``)."""
+    def registration_terms(self, batch: dict[str, Any], maps: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+        """The registration's loss terms at a drawn ``log λ`` (:meth:`sample_log_lam`), the diffusion term
+        weighted by ``λ / lam_start`` with ``reg_scaling``; :meth:`LearnGN.training_step` adds the semantic
+        network's own loss and logs."""
         log_lam = self.sample_log_lam()
-        maps = self.semantic_maps(batch) if self.semantic_net is not None else None
         u = self.run(batch, log_lam=log_lam, maps=maps).disp
         terms = self.loss_terms(batch, u)
         if self.hparams.reg_scaling and "reg" in terms:
             terms["reg"] = terms["reg"] * (log_lam.exp() / self.hparams.lam_start)
-        if maps is not None and self.hparams.w_semantic > 0:
-            terms["semantic"] = self.semantic_term(batch, maps)
-        loss = torch.stack(list(terms.values())).sum()
-        bsz = u.shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bsz)
         self.log("train/log_lam", float(log_lam), on_step=True, on_epoch=False)
-        for k, v in terms.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bsz)
-        return loss
+        return terms
 
 
 # ------------------------------------------------------------------------------------------ λ of any model
@@ -292,6 +282,8 @@ def select_lambda(
         :class:`LambdaSelection`. The model is left unchanged (use :func:`apply_lambda`).
     """
     Guard.lookup(guard, "guard")
+    if steps < 0 or sweep_points < 0 or steps + sweep_points == 0:
+        raise ValueError(f"select_lambda needs steps, sweep_points >= 0, not both 0; got {steps}, {sweep_points}")
     device = next(model.parameters()).device
     cached = []
     for i, b in enumerate(dataloader):
@@ -345,9 +337,10 @@ def select_lambda(
                 opt.step()
                 with torch.no_grad():
                     log_lam.clamp_(lo, hi)
-            with torch.no_grad():
-                loss_gd = float(total(log_lam))
-            lam_gd = math.exp(float(log_lam.detach()))
+            lam_gd, loss_gd = math.exp(float(log_lam.detach())), math.inf
+            if steps:
+                with torch.no_grad():
+                    loss_gd = float(total(log_lam))
     finally:
         model.train(was_training)
     lam_sw, loss_sw = min(sweep, key=lambda t: t[1]) if sweep else (lam_gd, loss_gd)
@@ -367,6 +360,11 @@ def select_lambda(
     return LambdaSelection(lam, source, lam_gd, loss_gd, lam_sw, loss_sw, sweep, trace)
 
 
+def is_auto(lam: Any) -> bool:
+    """Whether a ``--lam`` value asks for automatic selection (the string ``"auto"``, any case)."""
+    return isinstance(lam, str) and lam.strip().lower() == "auto"
+
+
 def resolve_lambda(
     model: LearnGN, lam: str | float | None, dataloader: Iterable[dict[str, Any]] | None = None, **kwargs: Any
 ) -> float:
@@ -384,7 +382,7 @@ def resolve_lambda(
     """
     if lam is None:
         return current_lambda(model)
-    if isinstance(lam, str) and lam.strip().lower() == "auto":
+    if is_auto(lam):
         if dataloader is None:
             raise ValueError("--lam auto needs a dataloader of validation pairs")
         choice = select_lambda(model, dataloader, **kwargs)

@@ -208,6 +208,12 @@ def test_eval_refines_a_learngn_field_with_adam(tmp_path):
         eval_cli.main(["--method", "gn", "--init-ckpt", ckpt, "--out", str(tmp_path / "g"), *common])
 
 
+def test_lam_guard_choices_are_the_guards():
+    from lightning_modules.hyper.objectives import Guard
+
+    assert eval_cli.LAM_GUARDS == tuple(g.value for g in Guard)
+
+
 def test_eval_lam_auto_chooses_on_the_named_split(tmp_path, monkeypatch):
     """--lam auto --lam-split train: λ is selected on the training pairs (not on the split evaluated), with the
     --lam-guard* selection loss; a split the data does not have is refused by name."""
@@ -232,9 +238,13 @@ def test_eval_lam_auto_chooses_on_the_named_split(tmp_path, monkeypatch):
     assert seen["kwargs"] == {"guard": "sdlogj", "guard_margin": 0.2, "w_guard": 10.0, "sweep_points": 9,
                               "steps": 20}
     assert json.loads((tmp_path / "auto" / "summary.json").read_text())["n_pairs"] == 2
-    with pytest.raises(SystemExit, match="--lam-search"):
-        eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "auto", "--lam-search", "0", "0",
-                       "--out", str(tmp_path / "s"), *common])
+    for bad, message in ((["--lam", "auto", "--lam-search", "0", "0"], "--lam-search"),
+                         (["--lam", "auto", "--lam-guard-weight", "-1"], "--lam-guard-weight"),
+                         (["--lam", "0.1", "--lam-split", "train"], "--lam-split applies to --lam auto only"),
+                         (["--lam-guard", "sdlogj", "--lam-guard-margin", "0.2"], "--lam-guard, --lam-guard-margin")):
+        with pytest.raises(SystemExit, match=message):
+            eval_cli.main(["--method", "learngn", "--ckpt", ckpt, *bad, "--out", str(tmp_path / "s"), *common])
+    assert not (tmp_path / "s").exists()  # refused before any work
     with pytest.raises(SystemExit, match="--lam-split hyper"):
         eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "auto", "--lam-split", "hyper",
                        "--out", str(tmp_path / "h"), *common])

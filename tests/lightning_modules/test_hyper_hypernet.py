@@ -258,7 +258,7 @@ def test_lam_override_reaches_the_registration_of_every_variant(data, variant):
 
 def test_a_semantic_hypernetwork_step_adds_the_semantic_loss():
     """With semantic channels the training step at a drawn λ is the registration terms (diffusion scaled by
-    λ / lam_start) plus the U-Net's own loss, as a LearnGN step after its warm-up; a warm-up is refused."""
+    λ / lam_start) plus the U-Net's own loss, as a LearnGN step after its warm-up (one training step for both)."""
     from tests.lightning_modules.test_learngn import _batch3d
 
     args = dict(spatial_dims=3, features="mind", label_ids=[1, 2], iterations=2, lam_start=0.3, lam_end=0.1,
@@ -275,5 +275,8 @@ def test_a_semantic_hypernetwork_step_adds_the_semantic_loss():
         ref = sum(terms.values()) + model.semantic_term(batch)
     assert float(model.semantic_term(batch)) > 0
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-10, atol=0)
-    with pytest.raises(ValueError, match="semantic_warmup"):
-        HyperLearnGN(**{**args, "semantic_warmup": 2})
+    # during a semantic warm-up the step is the U-Net's loss alone, as for LearnGN
+    warm = HyperLearnGN(**{**args, "semantic_warmup": 2}).double()
+    warm.sample_log_lam = lambda: log_lam
+    torch.testing.assert_close(warm.training_step(batch, 0).detach(), warm.semantic_term(batch).detach(),
+                               rtol=1e-12, atol=0)
