@@ -20,7 +20,11 @@ def test_there_are_recipes():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_instantiates(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # loggers and checkpoints would go to runs/ under the working directory
-    cli = train.main(["-c", str(recipe)], run=False)
+    extra = []
+    init_from = ((yaml.safe_load(recipe.read_text())["model"] or {}).get("init_args") or {}).get("init_from")
+    if init_from and not Path(init_from).is_absolute():  # a repository path, as run from the repository root
+        extra = ["--model.init_args.init_from", str(ROOT / init_from)]
+    cli = train.main(["-c", str(recipe), *extra], run=False)
     assert cli.model.hparams is not None
     assert cli.datamodule is not None
 
