@@ -136,17 +136,27 @@ def shared_data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+def eval_command(args: list[str], out: Path, data: Path, split: str, threads: int, extra: list[str]) -> list[str]:
+    """The ``eval.py`` command line of one evaluation (``sys.executable`` first)."""
+    return [sys.executable, "eval.py", *args, "--data", str(data), "--split", split, "--out", str(out),
+            "--threads", str(threads), "--figures", "0", *extra]
+
+
+def shown(cmd: list[str]) -> str:
+    """A command line as printed in the results page (``python`` for the interpreter)."""
+    return " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+
+
 def run_eval(args: list[str], out: Path, data: Path, split: str, threads: int, extra: list[str]) -> dict:
     """Run one ``eval.py`` evaluation and return its ``summary.json`` (with the command under ``"command"``)."""
-    cmd = [sys.executable, "eval.py", *args, "--data", str(data), "--split", split, "--out", str(out),
-           "--threads", str(threads), "--figures", "0", *extra]
-    shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
-    print("$", shown, flush=True)
+    cmd = eval_command(args, out, data, split, threads, extra)
+    shown_cmd = shown(cmd)
+    print("$", shown_cmd, flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if not (out / "summary.json").is_file():
-        raise RuntimeError(f"eval.py failed ({proc.returncode}): {shown}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"eval.py failed ({proc.returncode}): {shown_cmd}\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    summary["command"] = shown
+    summary["command"] = shown_cmd
     return summary
 
 
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.reuse or not (folder / "summary.json").is_file():
             return run_eval(args, folder, data, split, a.threads, extra)
         summary = json.loads((folder / "summary.json").read_text())
-        summary["command"] = "(reused) " + str(folder)
+        summary["command"] = shown(eval_command(args, folder, data, split, a.threads, extra)) + " (reused result)"
         return summary
 
     # 1. handcrafted GN: choose the setting on training pairs
@@ -234,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
              "split); Dice over the two labels (anterior, posterior), HD95 in mm, folding in %, seconds per pair "
              "around the registration only (LearnGN + Adam includes the LearnGN registration). Every row is one "
              "`eval.py` run; the commands are listed below (with `--reuse`, rows already under `--out` were read "
-             "back, not rerun).", "", *table(rows)]
+             "back, not rerun: marked \"reused result\", made by the same command, possibly with another "
+             "`--out`, in an earlier run).", "", *table(rows)]
     if {"learngn", "gn", "oracle"} <= res.keys():
         g, lg, o = (res[k]["metrics"]["dice"] for k in ("gn", "learngn", "oracle"))
         lines += ["", f"LearnGN − handcrafted GN: {100 * (lg - g):+.1f} Dice points; it closes "
