@@ -24,7 +24,7 @@ import pathlib
 import pickle
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ __all__ = [
     "export_weights",
     "import_project_class",
     "load_checkpoint",
+    "load_init_weights",
     "model_from_checkpoint",
+    "qualname",
     "rename_legacy_keys",
     "require_state_dict",
     "safe_globals",
@@ -202,6 +204,62 @@ def rename_legacy_keys(state_dict: dict[str, Any], prefix: str = "") -> None:
             if rest == old or (old.endswith(".") and rest.startswith(old)):
                 state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
                 break
+
+
+def qualname(obj: Any) -> str:
+    """``module.QualName`` of a class or of an instance's class (what checkpoints record as ``model_class``)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def load_init_weights(
+    module: torch.nn.Module,
+    path: str | Path,
+    *,
+    classes: Sequence[type],
+    allowed_missing: Sequence[str] = (),
+    allowed_extra: Sequence[str] = (),
+    rename: Callable[[str], str] | None = None,
+) -> dict[str, Any]:
+    """Load the ``state_dict`` of a Lightning checkpoint into ``module`` (``init_from``: fine-tuning, weights
+    only; the file is read by :func:`load_checkpoint`, no code runs from it). Returns the checkpoint dict.
+
+    Args:
+        module: the model to fill.
+        path: the checkpoint.
+        classes: the model classes whose checkpoints are accepted (checked against a recorded ``model_class``).
+        allowed_missing: key prefixes of ``module`` that may be absent from the file (they keep their
+            initialisation: an added feature encoder, the λ of a bilevel model started from a plain one).
+        allowed_extra: key prefixes the file may hold that ``module`` lacks (ignored).
+        rename: maps the file's keys to the module's (e.g. into a wrapped head module).
+
+    Raises ``FileNotFoundError`` / :class:`CheckpointError` (naming the file) when it is missing, unreadable,
+    refused, of another class, or does not fit ``module``.
+    """
+    path = Path(path)
+    names = [qualname(c) for c in classes]
+    expected = "a Lightning checkpoint of " + " or ".join(names)
+    ckpt = require_state_dict(load_checkpoint(path, what="init_from", expected=expected), path,
+                              what="init_from", expected=expected)
+    saved = ckpt.get("model_class")
+    if saved is not None and saved not in names:
+        raise CheckpointError(f"init_from {path} belongs to {saved}, not {' or '.join(names)}")
+    state = ckpt["state_dict"]
+    if rename is not None:
+        state = {rename(k): v for k, v in state.items()}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"init_from {path} does not match {type(module).__name__}: {exc}") from exc
+    fresh = [k for k in missing if k.startswith(tuple(allowed_missing))]
+    if fresh:
+        log.info("%s has no weights for %s: they keep their initialisation", path, fresh)
+    missing = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    unexpected = [k for k in unexpected if not k.startswith(tuple(allowed_extra))]
+    if missing or unexpected:
+        raise CheckpointError(f"init_from {path} does not match {type(module).__name__}: missing keys {missing}, "
+                              f"unexpected keys {unexpected}")
+    return ckpt
 
 
 #: hyper-parameters of retired options that older checkpoints record, dropped when they are loaded: the

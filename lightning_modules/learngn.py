@@ -9,7 +9,6 @@ the field *after* the last update.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from layers.losses import keypoint_loss, label_loss, mind_loss, regularity_loss
 from layers.semantic import SemanticNet, semantic_loss, semantic_targets
 
 from .base import RegistrationModule
-from .checkpoint import CheckpointError, load_checkpoint, rename_legacy_keys, require_state_dict
+from .checkpoint import load_init_weights, qualname, rename_legacy_keys
 from .features import FeatureKind, batch_features
 from .labels import batch_label_ids
 from .masks import batch_masks
@@ -31,53 +30,12 @@ from .metrics import dice_per_label
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LearnGN", "load_weights"]
-
-
-def _qualname(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+__all__ = ["LearnGN"]
 
 
 #: parameters that may be absent from a checkpoint loaded with ``init_from``: an optional module added for
 #: fine-tuning (the residual feature encoder starts as the identity, so the loaded model is unchanged)
 _FRESH_PREFIXES = ("encoder.",)
-
-
-def load_weights(module: torch.nn.Module, path: str | Path, expected_class: type) -> dict[str, Any]:
-    """Load the ``state_dict`` of a Lightning checkpoint into ``module`` (weights only).
-
-    Parameters of the optional feature encoder may be missing from the checkpoint (fine-tuning an
-    encoder-less model with an encoder added): they keep their initialisation, which leaves the model's output
-    unchanged.
-
-    The file is read by :func:`lightning_modules.checkpoint.load_checkpoint` (no code runs from it).
-
-    Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError``
-    (:class:`~lightning_modules.checkpoint.CheckpointError`, naming the file) when it is unreadable, refused, or
-    not a checkpoint of ``expected_class`` (recorded under ``"model_class"`` when the checkpoint was saved).
-    """
-    path = Path(path)
-    expected = f"a Lightning checkpoint of {_qualname(expected_class)}"
-    ckpt = require_state_dict(load_checkpoint(path, what="init_from", expected=expected), path,
-                              what="init_from", expected=expected)
-    saved = ckpt.get("model_class")
-    if saved is not None and saved != _qualname(expected_class):
-        raise CheckpointError(f"init_from {path} belongs to {saved}, not {_qualname(expected_class)}")
-    try:
-        missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"init_from {path} does not match {_qualname(expected_class)}: {exc}") from exc
-    fresh = [k for k in missing if k.startswith(_FRESH_PREFIXES)]
-    if fresh:
-        log.info("%s has no weights for %s: they keep their (identity) initialisation", path, fresh)
-    missing = [k for k in missing if not k.startswith(_FRESH_PREFIXES)]
-    if unexpected or missing:
-        raise CheckpointError(
-            f"init_from {path} does not match {_qualname(expected_class)}: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
-    return ckpt
 
 
 class LearnGN(RegistrationModule):
@@ -211,7 +169,7 @@ class LearnGN(RegistrationModule):
         self.gn.lam = self.make_lam_schedule()
         self.log_step = torch.nn.Parameter(self.gn.step_schedule.clone().log()) if learn_schedule else None
         if init_from:
-            load_weights(self, init_from, type(self))
+            load_init_weights(self, init_from, classes=(type(self),), allowed_missing=_FRESH_PREFIXES)
             log.info("initialised LearnGN weights from %s", init_from)
 
     def make_lam_schedule(self) -> LambdaSchedule:
@@ -422,7 +380,7 @@ class LearnGN(RegistrationModule):
         return torch.optim.Adam(self.param_groups(self.parameters()), lr=hp.lr, weight_decay=hp.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["model_class"] = _qualname(self)
+        checkpoint["model_class"] = qualname(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # checkpoints written before λ had one home: their λ keys renamed in place, before the children load

@@ -22,8 +22,7 @@ checkpoint (and so is the inner step counter, a buffer).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -34,57 +33,18 @@ from layers.gn import GNOutput
 from layers.lam_schedule import LambdaSchedule
 from layers.optim import FourierSchedule
 from lightning_modules.base import check_number
-from lightning_modules.checkpoint import CheckpointError, load_checkpoint, require_state_dict
-from lightning_modules.learngn import LearnGN, _qualname
+from lightning_modules.checkpoint import load_init_weights
+from lightning_modules.learngn import LearnGN
 from lightning_modules.metrics import jacobian_stats
 
 from .objectives import Guard, cycle, outer_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LAM_MODES", "BilevelLearnGN", "load_compatible_weights"]
+__all__ = ["LAM_MODES", "BilevelLearnGN"]
 
 #: Parametrisations of λ: one scalar scaling the schedule, one value per iteration, or a Fourier schedule.
 LAM_MODES = (LamKind.SCALAR.value, LamKind.PER_ITERATION.value, LamKind.FOURIER.value)
-
-
-def load_compatible_weights(
-    module: nn.Module,
-    path: str | Path,
-    allowed_missing: Iterable[str] = (),
-    rename: Callable[[str], str] | None = None,
-) -> None:
-    """Load the ``state_dict`` of a Lightning checkpoint of LearnGN or a subclass into ``module``.
-
-    Keys of ``module`` starting with one of ``allowed_missing`` may be absent from the checkpoint (``gn.lam.``
-    when fine-tuning a bilevel model from a plain LearnGN checkpoint); every other key must match, and the
-    checkpoint's extra keys must be hyper-parameter keys of the same prefixes. ``rename`` maps the
-    checkpoint's keys to the module's (e.g. into a wrapped head module). ``FileNotFoundError`` /
-    ``ValueError`` otherwise (:class:`~lightning_modules.checkpoint.CheckpointError`, naming the file). The file is
-    read by :func:`lightning_modules.checkpoint.load_checkpoint` (no code runs from it).
-    """
-    path = Path(path)
-    expected = f"a Lightning checkpoint of {_qualname(type(module))} or LearnGN"
-    ckpt = require_state_dict(load_checkpoint(path, what="init_from", expected=expected), path,
-                              what="init_from", expected=expected)
-    saved = ckpt.get("model_class")
-    if saved is not None and saved not in (_qualname(type(module)), _qualname(LearnGN)):
-        raise CheckpointError(f"init_from {path} belongs to {saved}, not {_qualname(type(module))} or LearnGN")
-    allowed = tuple(allowed_missing)
-    state = ckpt["state_dict"]
-    if rename is not None:
-        state = {rename(k): v for k, v in state.items()}
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"init_from {path} does not match {type(module).__name__}: {exc}") from exc
-    missing = [k for k in missing if not k.startswith(allowed)]
-    unexpected = [k for k in unexpected if not k.startswith(allowed)]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"init_from {path} does not match {type(module).__name__}: missing {missing}, "
-            f"unexpected {unexpected}"
-        )
 
 
 class BilevelLearnGN(LearnGN):
@@ -170,11 +130,9 @@ class BilevelLearnGN(LearnGN):
         self.hyper_source: Iterable[Any] | None = None
         self._hyper_iter: Iterator[Any] | None = None
         if init_from:
-            load_compatible_weights(
-                self,
-                init_from,
-                ("gn.lam.", "step_net.", "inner_steps", "log_step"),
-            )
+            fresh = ("gn.lam.", "step_net.", "inner_steps", "log_step")
+            load_init_weights(self, init_from, classes=(type(self), LearnGN), allowed_missing=fresh,
+                              allowed_extra=fresh)
             log.info("initialised BilevelLearnGN weights from %s", init_from)
 
     def make_lam_schedule(self) -> LambdaSchedule:

@@ -31,9 +31,9 @@ from layers.gn import GNOutput
 from layers.heads import CompactHeads
 from layers.lam_schedule import LambdaSchedule
 from lightning_modules.base import check_number
+from lightning_modules.checkpoint import load_init_weights
 from lightning_modules.learngn import LearnGN
 
-from .bilevel import load_compatible_weights
 from .objectives import Guard, outer_loss
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ class HyperLearnGN(LearnGN):
             )
         self.gn.jf = FiLMHeads(self.heads, self.gn.lam.log_range, film_hidden, film_depth)
         if init_from:
-            load_compatible_weights(self, init_from, ("gn.jf.film.", "gn.lam."), rename=_into_film_heads)
+            fresh = ("gn.jf.film.", "gn.lam.")
+            load_init_weights(self, init_from, classes=(type(self), LearnGN), allowed_missing=fresh,
+                              allowed_extra=fresh, rename=_into_film_heads)
             log.info("initialised HyperLearnGN weights from %s", init_from)
 
     @property

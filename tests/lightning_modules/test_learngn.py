@@ -6,7 +6,8 @@ import torch
 from data.collate import collate_pairs
 from data.synthetic import SyntheticPairs
 from lightning_modules.baselines import HandcraftedGN
-from lightning_modules.learngn import LearnGN, load_weights
+from lightning_modules.checkpoint import load_init_weights
+from lightning_modules.learngn import LearnGN
 
 
 def _batch(ndim=2, n=2, shape=(64, 64), seed=3):
@@ -94,7 +95,7 @@ def test_init_from_checks_the_model_class(tmp_path):
     wrong = tmp_path / "wrong.ckpt"
     torch.save({"state_dict": LearnGN(features="intensity").state_dict()}, wrong)
     with pytest.raises(ValueError, match="does not match"):
-        load_weights(LearnGN(features="mind"), wrong, LearnGN)
+        load_init_weights(LearnGN(features="mind"), wrong, classes=(LearnGN,))
 
 
 def test_end_to_end_gradient_matches_finite_differences():
