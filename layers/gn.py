@@ -142,9 +142,11 @@ def gn_step(
             unmasked step.
         recompute: when gradients are recorded, run steps 1-3 (warp, ``J``/``f``, normal equations) under
             :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): the backward pass keeps only ``u``, the
-            features and ``H``, ``g`` ``(B, n, n, *G)``, ``(B, n, *G)`` of this step and recomputes the
-            full-resolution intermediates when it reaches them (the same values and gradients; one more
-            forward of those steps per backward). ``jf`` must then be deterministic (no dropout).
+            features and ``H``, ``g`` ``(B, n, n, *G)``, ``(B, n, *G)`` of this step (and, once per registration,
+            what the heads' ``prepare`` made outside the checkpoint: the padded fixed features at full
+            resolution and the fixed share of ``f``) and recomputes the full-resolution intermediates when it
+            reaches them (the same values and gradients; one more forward of those steps per backward). ``jf``
+            must then be deterministic (no dropout).
         solver_kwargs: passed to :func:`layers.gn_solve` (``rtol``, ``maxiter``, ``backend``, ...).
     """
     update = Update.lookup(update, "update")
