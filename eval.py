@@ -153,11 +153,14 @@ def load_learngn(ckpt: str, what: str = "--ckpt"):
 def check_lam_options(args: argparse.Namespace) -> None:
     """Refuse ``--lam-*`` selection options that are out of range, or given without ``--lam auto``, before any
     work."""
-    auto = isinstance(args.lam, str) and args.lam.strip().lower() == "auto"
     defaults = build_parser().parse_args([])
     given = [f"--{k.replace('_', '-')}" for k in ("lam_split", "lam_guard", "lam_guard_margin", "lam_guard_weight",
                                                   "lam_search") if getattr(args, k) != getattr(defaults, k)]
-    if given and not auto:
+    if not given:
+        return
+    from lightning_modules.hyper.hypernet import is_auto
+
+    if not is_auto(args.lam):
         raise SystemExit(f"error: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --lam auto only")
     if args.lam_guard_weight < 0:
         raise SystemExit(f"error: --lam-guard-weight must be >= 0; got {args.lam_guard_weight}")
@@ -462,7 +465,9 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("error: --data and --fixed/--moving exclude each other")
     if args.no_disp:
         raise SystemExit("error: --no-disp does not apply to --fixed/--moving (disp.nii.gz is what --apply reads)")
-    if isinstance(args.lam, str) and args.lam.strip().lower() == "auto":
+    from lightning_modules.hyper.hypernet import is_auto
+
+    if is_auto(args.lam):
         raise SystemExit("error: --lam auto chooses λ on a validation split; give a value with --fixed/--moving")
 
     from lightning.fabric.utilities.apply_func import move_data_to_device
