@@ -23,7 +23,7 @@ the folder already holds results, unless ``--overwrite``). A pair that fails any
 registration, metrics, writing) is recorded with its error in ``pairs.csv`` and the run goes on. Evaluation
 runs through ``Trainer.predict``, so ``--accelerator gpu --devices N --strategy ddp --num-nodes M`` spread the
 pairs over several GPUs. Checkpoints and schedules are read without running code from them
-(:mod:`lightning_modules.checkpoint`).
+(:mod:`data.checkpoint`).
 
 Exit status: 0 every pair registered; 3 some pairs failed; 4 every pair failed (or there were none); 2 the run
 was refused before any pair ran (bad option, input, checkpoint or output folder; the message says which).
@@ -47,12 +47,13 @@ from typing import Any
 import torch
 import yaml
 
+from layers.enums import Guard
+
 log = logging.getLogger("eval")
 
 METHODS = ("learngn", "gn", "adam", "convexadam", "identity")
-#: ``--lam-guard`` choices: the values of ``lightning_modules.hyper.objectives.Guard`` (not imported here, it pulls
-#: in Lightning; a test checks the two agree)
-LAM_GUARDS = ("diffusion", "negjac", "sdlogj", "none")
+#: ``--lam-guard`` choices: the regularity guards of the outer loss
+LAM_GUARDS = tuple(g.value for g in Guard)
 
 #: exit status: every pair registered / some pairs failed / every pair failed (or none) / refused before any ran
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ALL_FAILED, EXIT_REFUSED = 0, 3, 4, 2
@@ -141,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_learngn(ckpt: str, what: str = "--ckpt"):
     """Load a LearnGN-family model from a checkpoint without running code from it, checking its class
-    (:func:`lightning_modules.checkpoint.model_from_checkpoint`; ``FileNotFoundError`` / ``CheckpointError``
+    (:func:`data.checkpoint.model_from_checkpoint`; ``FileNotFoundError`` / ``CheckpointError``
     naming the file)."""
-    from lightning_modules.checkpoint import model_from_checkpoint
+    from data.checkpoint import model_from_checkpoint
     from lightning_modules.learngn import LearnGN
 
     return model_from_checkpoint(ckpt, base=LearnGN, what=what,
@@ -158,7 +159,7 @@ def check_lam_options(args: argparse.Namespace) -> None:
                                                   "lam_search") if getattr(args, k) != getattr(defaults, k)]
     if not given:
         return
-    from lightning_modules.hyper.hypernet import is_auto
+    from lightning_modules.hyper.lam_selection import is_auto
 
     if not is_auto(args.lam):
         raise SystemExit(f"error: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --lam auto only")
@@ -176,7 +177,7 @@ def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
     target = model if args.method == "learngn" else getattr(model, "initialiser", None)
     if target is None:
         raise SystemExit("error: --lam applies to --method learngn and to the model of --init-ckpt")
-    from lightning_modules.hyper.hypernet import is_auto, resolve_lambda
+    from lightning_modules.hyper.lam_selection import is_auto, resolve_lambda
 
     if not is_auto(args.lam):
         log.info("using λ = %g", resolve_lambda(target, args.lam))
@@ -261,7 +262,7 @@ def build_data(args: argparse.Namespace, meta: dict | None, data_args: dict[str,
 
 
 def compare(dirs: list[str]) -> str:
-    from lightning_modules.evaluation import comparison_table
+    from data.evaluation.writer import comparison_table
 
     summaries = []
     for d in dirs:
@@ -319,8 +320,8 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
 
     from lightning.pytorch import Trainer, seed_everything
 
+    from data.evaluation.writer import EvaluationWriter, prepare_output
     from data.io import check_unique_disp_names
-    from lightning_modules.evaluation import EvaluationWriter, prepare_output
 
     out = Path(args.out)
     leader = _launch_rank_zero()
@@ -357,7 +358,7 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
             f"{args.method}: {s['n_pairs']} pairs ({s['n_failed']} failed); results in {out} "
             f"(summary.json, pairs.csv, summary.md, disp/, figures/)\n"
         )
-        from lightning_modules.evaluation import comparison_table
+        from data.evaluation.writer import comparison_table
 
         sys.stdout.write(comparison_table([s]))
         if s["n_failed"]:
@@ -455,7 +456,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
 
     Returns the ``metrics.json`` dict (``method``, ``fixed``, ``moving``, ``n_pairs`` 1, ``n_failed`` 0 or 1,
     ``status``, ``error``, ``seconds``, ``initial``, ``metrics``, ``timings``: seconds per stage as in
-    :data:`lightning_modules.evaluation.TIMING_KEYS`, ``write`` covering every file but ``metrics.json``);
+    :data:`data.evaluation.writer.TIMING_KEYS`, ``write`` covering every file but ``metrics.json``);
     bad options or input files raise (status 2)."""
     if not (args.fixed and args.moving):
         raise SystemExit("error: --fixed and --moving go together")
@@ -465,7 +466,7 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("error: --data and --fixed/--moving exclude each other")
     if args.no_disp:
         raise SystemExit("error: --no-disp does not apply to --fixed/--moving (disp.nii.gz is what --apply reads)")
-    from lightning_modules.hyper.hypernet import is_auto
+    from lightning_modules.hyper.lam_selection import is_auto
 
     if is_auto(args.lam):
         raise SystemExit("error: --lam auto chooses λ on a validation split; give a value with --fixed/--moving")
@@ -474,6 +475,8 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     from lightning.pytorch import seed_everything
 
     from data.collate import collate_pairs
+    from data.evaluation.figures import pair_figure
+    from data.evaluation.writer import synchronise
     from data.io import (
         atomic_write_bytes,
         read_displacement_grid,
@@ -483,8 +486,6 @@ def run_pair(args: argparse.Namespace) -> dict[str, Any]:
     )
     from data.itk import write_itk_displacement
     from data.pair_files import load_file_pair, warp_file
-    from lightning_modules.base import synchronise
-    from lightning_modules.figures import pair_figure
 
     out = Path(args.out)
     _refuse_existing(out, PAIR_OUTPUTS, args.overwrite)

@@ -13,7 +13,7 @@ default); the data by ``data.init_args`` of :class:`data.datamodule.Registration
 Bad input ends in one message that names it: a config value the project rejects (λ ≤ 0, ``iterations 0``, an
 ``init_from`` of the wrong class, ...) is reported with the project's own message as the last line (not
 jsonargparse's union-type dump), and ``--ckpt_path`` is read first by the project's checkpoint loader
-(:mod:`lightning_modules.checkpoint`: no code runs from the file; a truncated or foreign file is named).
+(:mod:`data.checkpoint`: no code runs from the file; a truncated or foreign file is named).
 Run as a script, such errors print ``train.py: error: ...`` and exit with status 2.
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from data.checkpoint import CheckpointError, load_checkpoint, require_state_dict, safe_globals
 from data.datamodule import RegistrationDataModule
 from lightning_modules.base import RegistrationModule
-from lightning_modules.checkpoint import CheckpointError, load_checkpoint, require_state_dict, safe_globals
 
 _ROOT = Path(__file__).resolve().parent
 _PROJECT_DIRS = tuple(str(_ROOT / d) for d in ("lightning_modules", "layers", "data"))

@@ -3,7 +3,7 @@
     python -m benchmarks.baseline_probes [--threads 2]
 
 Each row is ``make_baseline(method, **settings)`` on both BrainPair directions (Dice over the 30 labels of the
-dataset JSON; per direction and the mean), with the metrics of :func:`lightning_modules.metrics.pair_metrics`
+dataset JSON; per direction and the mean), with the metrics of :func:`data.evaluation.metrics.pair_metrics`
 (means over the two directions) and the wall-clock seconds of ``register``; then variants of the
 ``convexadam_logj.yaml`` recipe on 3 synthetic 3D pairs (64³, the benchmark's). Results in
 ``benchmarks/results/baseline_probes.md``. The BrainPair part is skipped with a message when the data is absent

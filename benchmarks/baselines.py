@@ -10,7 +10,7 @@ Runs identity, handcrafted GN, AdamIO (both presets) and ConvexAdam on
   with a message when the folder is absent;
 * a few synthetic 3D pairs of :class:`data.synthetic.SyntheticPairs` (the embedded default data).
 
-Every number comes from :func:`lightning_modules.metrics.pair_metrics`. Seconds are wall-clock around
+Every number comes from :func:`data.evaluation.metrics.pair_metrics`. Seconds are wall-clock around
 ``register`` only (no I/O, no metrics), CPU seconds the process time over the same span (with a busy machine
 the CPU time is the steadier measure). The table is written to ``benchmarks/results/baselines.md`` with the
 command, the machine, the thread count and the load average.
@@ -30,9 +30,9 @@ import torch
 import yaml
 
 from benchmarks.common import REPO, RESULTS, as_batch, load_average, machine, now, shared_data_root, write_page
+from data.evaluation.metrics import pair_metrics
 from data.synthetic import SyntheticPairs
 from lightning_modules.baselines import make_baseline
-from lightning_modules.metrics import pair_metrics
 
 log = logging.getLogger("benchmarks.baselines")
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine()}; torch {torch.__version__}, `torch.set_num_threads({args.threads})`; "
         f"started {started}, load average at start {load_start} (1 / 5 / 15 min).",
         "",
-        "Metrics from `lightning_modules.metrics.pair_metrics` (HD95 in mm with the image spacing; SDlogJ "
+        "Metrics from `data.evaluation.metrics.pair_metrics` (HD95 in mm with the image spacing; SDlogJ "
         "over the interior; folding = fraction of J ≤ 0). Seconds: wall clock around `register` only; "
         "CPU-s: process time over the same span.",
         "",

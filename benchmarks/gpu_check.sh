@@ -436,7 +436,7 @@ EOF
             md "| $name | \`${extra[*]}\` | $((ms / 1000)).$((ms % 1000 / 100)) | ${dice:-n/a} | $(status_word $rc) |"
             [ "$rc" = 0 ] || md "" '```' "$(tail -n 20 "$WORK/last.out")" '```' ""
             if [ -f runs/hippocampus3d/checkpoints/last.ckpt ]; then
-                "$PYTHON" -m lightning_modules.checkpoint runs/hippocampus3d/checkpoints/last.ckpt \
+                "$PYTHON" -m data.checkpoint runs/hippocampus3d/checkpoints/last.ckpt \
                     "$WORK/hippo_$name.ckpt" >> "$LOG" 2>&1
                 cp runs/hippocampus3d/logs/metrics.csv "$WORK/hippo_${name}_metrics.csv" 2>/dev/null
             fi

@@ -117,7 +117,7 @@ def learned_hyper(a: argparse.Namespace, out: Path) -> list[tuple[str, str, list
 def baseline_schedule(learned: Path, dest: Path) -> tuple[Path, int]:
     """Write the baseline a learned schedule file started from (its ``"baseline"`` values, same step unit) to
     ``dest``; returns ``(dest, T)``."""
-    from lightning_modules.checkpoint import load_checkpoint  # the installed package (make install)
+    from data.checkpoint import load_checkpoint  # the installed package (make install)
     from lightning_modules.hyper.schedule import save_schedule
 
     record = load_checkpoint(learned, what="--schedule", expected="a learned schedule (.pt)")

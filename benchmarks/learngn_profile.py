@@ -23,8 +23,8 @@ import torch
 from torch.profiler import profile
 
 from benchmarks.common import REPO, RESULTS, dataset_json, now, paired_medians, write_page
+from data.checkpoint import model_from_checkpoint
 from data.datamodule import RegistrationDataModule
-from lightning_modules.checkpoint import model_from_checkpoint
 from lightning_modules.learngn import LearnGN
 
 #: the timed parts, in the order of the tables

@@ -35,7 +35,22 @@ all when every sample failed.
 Producers: :class:`data.learn2reg.Learn2RegDataset`, :class:`data.synthetic.SyntheticPairs` (which adds
 ``true_disp`` and body masks) and :class:`data.slices.SliceDataset` (2D slices of either; ids get a ``_sNNN``
 suffix). Sample tensors are fresh copies: modifying them does not touch any cache.
+
+Which labels a batch evaluates, encodes or supervises is read in one place,
+:func:`layers.metrics.labels.batch_label_ids`; the masks of the similarity terms of a method with ``use_masks``
+in another, :func:`batch_masks` (the maths is in :mod:`layers.masks`).
 """
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from layers.masks import check_mask
+
+__all__ = ["FAILED_KEY", "ID_KEYS", "IMAGE_KEYS", "KEYPOINT_KEYS", "LABEL_KEYS", "MASK_KEYS", "batch_masks"]
 
 IMAGE_KEYS = ("fixed", "moving")
 LABEL_KEYS = ("fixed_label", "moving_label")
@@ -44,3 +59,21 @@ KEYPOINT_KEYS = ("fixed_keypoints", "moving_keypoints")
 ID_KEYS = ("fixed_id", "moving_id")
 #: key of a failed sample (its value: the error message); see :mod:`data.guard`
 FAILED_KEY = "failed"
+
+
+
+def batch_masks(batch: Mapping[str, Any], use_masks: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(fixed_mask, moving_mask)`` of a batch for the similarity terms (docs/design.md §3, §6), each
+    ``(B, 1, *S)`` in the fixed image's dtype or None (absent from the batch, or ``use_masks`` off). A batch
+    without masks registers unmasked even with ``use_masks``.
+
+    Raises ``ValueError`` naming the key for a mask whose shape does not match ``batch["fixed"]`` or whose
+    values lie outside ``[0, 1]``.
+    """
+    if not use_masks:
+        return None, None
+    fixed = batch["fixed"]
+    dtype_like = fixed if fixed.is_floating_point() else fixed.float()
+    fixed_mask, moving_mask = (None if batch.get(key) is None else check_mask(batch[key], dtype_like, key)
+                               for key in MASK_KEYS)
+    return fixed_mask, moving_mask

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["Backend", "Coupling", "LabelLoss", "LamKind", "StrEnum", "Update"]
+__all__ = ["Backend", "Coupling", "Guard", "LabelLoss", "LamKind", "PresetName", "StrEnum", "Update"]
 
 
 class StrEnum(str, Enum):
@@ -84,3 +84,19 @@ class LamKind(StrEnum):
     SCALAR = "scalar"  #: one learned ``log λ`` scaling the reference's shape
     FOURIER = "fourier"  #: a learned :class:`layers.optim.FourierSchedule` of the iteration index
     CONDITIONED = "conditioned"  #: ``log λ`` set or given per call (a λ-conditioned model's input)
+
+
+class Guard(StrEnum):
+    """The regularity guard of the outer loss (:func:`layers.losses.regularity_guard`)."""
+
+    DIFFUSION = "diffusion"  #: :func:`layers.losses.regularity_loss`
+    NEGJAC = "negjac"  #: :func:`layers.losses.negative_jacobian_penalty`
+    SDLOGJ = "sdlogj"  #: :func:`layers.losses.sdlogj_excess`
+    NONE = "none"  #: no guard
+
+
+class PresetName(StrEnum):
+    """The named learning-rate presets of Adam instance optimisation (:data:`layers.optim.schedules.PRESETS`)."""
+
+    PIECEWISE = "piecewise"  #: Vujovic et al.: 270 iterations of the piecewise schedule
+    CONSTANT = "constant"  #: the ConvexAdam-style setting: learning rate 1, 100 iterations

@@ -1,21 +1,31 @@
-"""Training losses of the learned registration models (docs/design.md §4).
+"""Training losses of the learned registration models (docs/design.md §4) and the outer losses of learned
+hyper-parameters (docs/design.md §5).
 
 All take the full-resolution displacement ``u`` ``(B, n, *S)`` (voxel units) and return a scalar.
+
+The outer loss of bilevel λ learning, of test-time λ selection and of the meta-learned Adam schedule
+(:func:`outer_loss`) is a supervised registration error (label overlap and/or keypoint distance) plus a
+**regularity guard** (:func:`regularity_guard`): without it a Dice-only outer loss prefers a smaller λ (a
+rougher field fits the labels better) and drives λ to 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .diff import diffusion
-from .enums import LabelLoss
+from .diff import diffusion, jacobian_determinant
+from .enums import Guard, LabelLoss
 from .features import mind_ssc
 from .masks import masked_mean, similarity_weight
+from .metrics import jacobian_stats
+from .metrics.labels import batch_label_ids
 from .warp import warp_image, warp_keypoints, warp_onehot
 
-__all__ = ["class_weights", "keypoint_loss", "label_loss", "mind_loss", "onehot_of", "regularity_loss"]
+__all__ = ["class_weights", "keypoint_loss", "label_loss", "mind_loss", "negative_jacobian_penalty", "onehot_of",
+           "outer_loss", "regularity_guard", "regularity_loss", "sdlogj_excess"]
 
 
 def onehot_of(labels: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
@@ -96,3 +106,111 @@ def mind_loss(
 def regularity_loss(u: torch.Tensor) -> torch.Tensor:
     """Regularity guard: the diffusion regulariser of ``u`` (:func:`layers.diffusion`)."""
     return diffusion(u)
+
+
+def negative_jacobian_penalty(u: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of ``relu(margin − det(I + ∇u))`` over batch and voxels (:func:`layers.diff`).
+
+    Args:
+        u: ``(B, n, *S)`` displacement in voxel units.
+        margin: the Jacobian determinant below which voxels are penalised (0: only folds; a small positive
+            value such as 0.1 also pushes away from near-folds). Dimensionless.
+
+    Returns:
+        scalar, dimensionless (0 for a fold-free field when ``margin = 0``).
+    """
+    return torch.relu(margin - jacobian_determinant(u)).mean()
+
+
+def sdlogj_excess(u: torch.Tensor, bound: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of ``relu(SDlogJ − bound)``: zero while every pair's SDlogJ is within ``bound``.
+
+    SDlogJ is the evaluation metric itself (:func:`layers.metrics.jacobian_stats`: std of
+    ``log det(I + ∇u)`` over the cropped interior, within ``mask``; docs/design.md §7), so a large weight on
+    this hinge turns "maximise Dice subject to SDlogJ ≤ bound" into an exact penalty.
+
+    Args:
+        u: ``(B, n, *S)`` displacement in voxel units.
+        bound: the SDlogJ allowed (dimensionless, e.g. 0.2).
+        mask: optional ``(B, 1, *S)`` fixed mask (the metric's region).
+
+    Returns:
+        scalar, dimensionless. Pairs with an empty region (NaN SDlogJ) count as 0.
+
+    The metric clamps ``det J`` at 1e-9 before the log, so folded voxels add to SDlogJ but pass no gradient:
+    the guard steers fold-free fields (pair it with ``"negjac"``-style terms where folding is expected; the
+    evaluation reports folding separately).
+    """
+    sd = jacobian_stats(u, mask)["sdlogj"]
+    return torch.relu(torch.nan_to_num(sd, nan=0.0) - bound).mean()
+
+
+def regularity_guard(
+    u: torch.Tensor, kind: str = "diffusion", margin: float = 0.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The regularity guard of the outer loss: ``"diffusion"``
+    (:func:`regularity_loss`, voxel² per voxel²), ``"negjac"``
+    (:func:`negative_jacobian_penalty` with ``margin`` as the determinant margin), ``"sdlogj"``
+    (:func:`sdlogj_excess` with ``margin`` as the SDlogJ bound, within the fixed ``mask`` ``(B, 1, *S)``) or
+    ``"none"`` (zero); scalar."""
+    kind = Guard.lookup(kind, "guard")
+    if kind == Guard.DIFFUSION:
+        return regularity_loss(u)
+    if kind == Guard.NEGJAC:
+        return negative_jacobian_penalty(u, margin)
+    if kind == Guard.SDLOGJ:
+        return sdlogj_excess(u, margin, mask)
+    return u.new_zeros(())
+
+
+def outer_loss(
+    batch: Mapping[str, Any],
+    u: torch.Tensor,
+    *,
+    label_ids: Sequence[int] | None = None,
+    label_kind: str = "dice",
+    w_label: float = 1.0,
+    w_keypoint: float = 0.0,
+    guard: str = "diffusion",
+    w_guard: float = 1.0,
+    guard_margin: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Weighted terms of the outer loss for a batch and its full-resolution field ``u`` ``(B, n, *S)``.
+
+    Args:
+        batch: a batch dict (``data/batch.py``); ``fixed_label``/``moving_label`` for the label term,
+            ``fixed_keypoints``/``moving_keypoints`` (and ``moving_spacing``) for the keypoint term.
+        label_ids: labels of the label term (default: :func:`layers.metrics.labels.batch_label_ids`, the
+            non-zero labels of ``batch["label_ids"]`` or of the fixed label map).
+        label_kind: ``"dice"`` (1 − soft Dice) or ``"mse"`` (class-weighted), see
+            :func:`label_loss`.
+        w_label, w_keypoint: weights of the label term (dimensionless) and of the keypoint distance (mm).
+        guard, w_guard, guard_margin: the regularity guard (:func:`regularity_guard`) and its weight.
+
+    Returns:
+        ``{"label", "keypoint", "guard"}`` (those with a positive weight and data), scalars; their sum is the
+        outer loss. ``ValueError`` when no supervised term applies.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    if w_label > 0 and batch.get("fixed_label") is not None and batch.get("moving_label") is not None:
+        if label_ids is None:
+            label_ids = batch_label_ids(batch)
+        terms["label"] = w_label * label_loss(
+            u, batch["moving_label"], batch["fixed_label"], label_ids, label_kind
+        )
+    if (
+        w_keypoint > 0
+        and batch.get("fixed_keypoints") is not None
+        and batch.get("moving_keypoints") is not None
+    ):
+        spacing = batch.get("moving_spacing", batch.get("spacing"))
+        terms["keypoint"] = w_keypoint * keypoint_loss(
+            u, batch["fixed_keypoints"], batch["moving_keypoints"], spacing
+        )
+    if not terms:
+        raise ValueError(
+            "the outer loss needs labels (w_label > 0) or keypoints (w_keypoint > 0) in the batch"
+        )
+    if guard != "none" and w_guard > 0:
+        terms["guard"] = w_guard * regularity_guard(u, guard, guard_margin, batch.get("fixed_mask"))
+    return terms

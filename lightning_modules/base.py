@@ -3,7 +3,7 @@
 A subclass implements :meth:`RegistrationModule.register`, mapping a batch (``data/batch.py``) to the
 full-resolution displacement ``u`` ``(B, n, *S)`` (voxel units, fixed grid, pointing into the moving image).
 This class provides the shared validation / test / predict steps: metrics of docs/design.md §7 through the one
-implementation in :mod:`lightning_modules.metrics`, accumulated with torchmetrics (synchronised under DDP),
+implementation in :mod:`data.evaluation.metrics`, accumulated with torchmetrics (synchronised under DDP),
 and the per-pair records that ``eval.py`` writes (seconds around the registration only, CUDA-synchronised,
 and the time of each evaluation stage in ``timings``; a pair that fails is recorded with its error instead of
 stopping the run).
@@ -24,19 +24,12 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric
 
-from .metrics import METRIC_NAMES, pair_metrics
+from data.evaluation.metrics import METRIC_NAMES, pair_metrics
+from data.evaluation.writer import synchronise
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluationOnlyError", "RegistrationModule", "check_number", "check_numbers", "synchronise"]
-
-
-def synchronise(device: torch.device | str | None) -> float:
-    """Wait for the work queued on ``device`` when it is a CUDA device (nothing otherwise), then return
-    ``time.perf_counter()`` in seconds: a time stamp that includes the device's pending work."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+__all__ = ["EvaluationOnlyError", "RegistrationModule", "check_number", "check_numbers"]
 
 
 def check_number(name: str, value: Any, *, low: float | None = None, strict: bool = False,

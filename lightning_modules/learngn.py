@@ -13,20 +13,20 @@ from typing import Any
 
 import torch
 
+from data.batch import batch_masks
+from data.checkpoint import load_init_weights, qualname, rename_legacy_keys
+from data.features import FeatureKind, batch_features
 from layers.encoder import FeatureEncoder
 from layers.enums import LabelLoss
 from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
 from layers.lam_schedule import LambdaSchedule
 from layers.losses import keypoint_loss, label_loss, mind_loss, regularity_loss
+from layers.metrics import dice_per_label
+from layers.metrics.labels import batch_label_ids
 from layers.semantic import SemanticNet, semantic_loss, semantic_targets
 
 from .base import RegistrationModule
-from .checkpoint import load_init_weights, qualname, rename_legacy_keys
-from .features import FeatureKind, batch_features
-from .labels import batch_label_ids
-from .masks import batch_masks
-from .metrics import dice_per_label
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class LearnGN(RegistrationModule):
             MSE, diffusion regularity guard).
         label_loss: ``"mse"`` (class-weighted) or ``"dice"``.
         use_masks: restrict the similarity terms to the batch's ``fixed_mask`` / ``moving_mask`` when present
-            (:mod:`lightning_modules.masks`): the GN data term (per-node weights, :func:`layers.gn.gn_step`) and
+            (:func:`data.batch.batch_masks`): the GN data term (per-node weights, :func:`layers.gn.gn_step`) and
             the MIND loss. The attribute ``use_masks`` may be switched after loading (``eval.py`` does when mask
             files are given).
         lr, weight_decay: Adam settings (LightningCLI's ``--optimizer``/``--lr_scheduler`` override them).

@@ -16,7 +16,7 @@ from lightning.pytorch import seed_everything
 from benchmarks.hyper.bilevel import BILEVEL_COMMON
 from benchmarks.hyper.plots import plot_amortised
 from benchmarks.hyper.shared import INVOCATION, batches, make_data, mean_metrics, trainer, write_json
-from lightning_modules.metrics import pair_metrics
+from data.evaluation.metrics import pair_metrics
 
 log = logging.getLogger("benchmarks.hyper")
 
@@ -112,7 +112,7 @@ def bench_amortised(args: argparse.Namespace) -> dict:
 def smoothness(model: Any, test: list[dict], lam: float) -> dict[str, float]:
     """Diffusion of the field (voxel², lower = smoother) and the metrics of ``model`` at first-iteration λ."""
     from layers.losses import regularity_loss
-    from lightning_modules.hyper.hypernet import run_with_log_lam
+    from lightning_modules.hyper.lam_selection import run_with_log_lam
 
     diffs, records = [], []
     model.eval()

@@ -16,7 +16,7 @@ from lightning.pytorch import seed_everything
 from benchmarks.hyper.plots import plot_bilevel
 from benchmarks.hyper.shared import INVOCATION, LambdaTrace, batches, make_data, mean_metrics, trainer, write_json
 from data.datamodule import RegistrationDataModule
-from lightning_modules.metrics import pair_metrics
+from data.evaluation.metrics import pair_metrics
 
 log = logging.getLogger("benchmarks.hyper")
 
@@ -140,8 +140,8 @@ def fit_bilevel(dm: RegistrationDataModule, epochs: int, **kw: Any) -> tuple[Any
 def outer_on(model: Any, test: list[dict], lam: float | None = None, w_guard: float = 1.0) -> dict[str, float]:
     """Held-out outer loss (soft-Dice loss + w_guard·diffusion) and metrics of ``model`` at first-iteration
     ``lam`` (None: the model's own λ)."""
-    from lightning_modules.hyper.hypernet import run_with_log_lam
-    from lightning_modules.hyper.objectives import outer_loss
+    from layers.losses import outer_loss
+    from lightning_modules.hyper.lam_selection import run_with_log_lam
 
     losses, records = [], []
     model.eval()

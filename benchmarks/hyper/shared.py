@@ -13,9 +13,9 @@ from lightning.pytorch import Callback, Trainer
 from benchmarks.common import RESULTS, CachedDataModule, paired_difference
 from data.collate import collate_pairs
 from data.datamodule import RegistrationDataModule
+from data.evaluation.metrics import pair_metrics
 from layers.optim import PiecewiseLR
 from lightning_modules.baselines import AdamIO
-from lightning_modules.metrics import pair_metrics
 
 #: the constant learning rates compared with the learned schedules, in the piecewise preset's unit (1/15 voxel):
 #: 0.033 .. 2 voxels per step

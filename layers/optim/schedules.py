@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..enums import PresetName
+
 __all__ = [
     "PRESETS",
     "ConstantLR",
@@ -147,16 +149,18 @@ class Preset:
 #: ``constant`` preset's (1 voxel), annealed to 0.43 voxel at step 180 and 0.033 at 270. A sweep on
 #: BrainPair (0001←0002) gave Dice 0.701 with 1/15 and 0.696 with 1/5.
 PRESETS: dict[str, Preset] = {
-    "piecewise": Preset(PiecewiseLR(), 270, step_unit=1.0 / 15.0),
-    "constant": Preset(ConstantLR(1.0), 100, step_unit=1.0),
+    PresetName.PIECEWISE.value: Preset(PiecewiseLR(), 270, step_unit=1.0 / 15.0),
+    PresetName.CONSTANT.value: Preset(ConstantLR(1.0), 100, step_unit=1.0),
 }
 
 
 def resolve_preset(name: str) -> Preset:
-    """The :class:`Preset` called ``name``, or ``ValueError`` listing the known names."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+    """The :class:`Preset` called ``name`` (a :class:`layers.enums.Preset` or its string), or ``ValueError``
+    listing the known names."""
+    try:
+        return PRESETS[PresetName.lookup(name, "preset").value]
+    except ValueError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
 
 
 def make_schedule(schedule: str | float | Sequence[float] | Schedule) -> Schedule:

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
+from data.batch import batch_masks
 from layers.features import mind_ssc
 from layers.optim import Schedule, make_schedule, refine_field, resolve_preset
 
-from ..masks import batch_masks
 from .common import BaselineModule, check_number, check_pair, renamed_options
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Handcrafted Gauss-Newton baseline: :class:`layers.gn.GNRegistration` with the handcrafted ``J`` and ``f``
-(docs/design.md §3, §6) on the features of :func:`lightning_modules.features.batch_features`."""
+(docs/design.md §3, §6) on the features of :func:`data.features.batch_features`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
+from data.batch import batch_masks
+from data.features import FeatureKind, batch_features
 from layers.enums import Coupling
 from layers.gn import GNRegistration
 from layers.grid import pool_to_grid, upsample_field
 
-from ..features import FeatureKind, batch_features
-from ..masks import batch_masks
 from .common import BaselineModule, check_number, check_numbers, check_pair
 
 log = logging.getLogger(__name__)

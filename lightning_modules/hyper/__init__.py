@@ -10,15 +10,8 @@
 """
 
 from .bilevel import BilevelLearnGN
-from .hypernet import (
-    HyperLearnGN,
-    LambdaSelection,
-    apply_lambda,
-    current_lambda,
-    resolve_lambda,
-    select_lambda,
-)
-from .objectives import negative_jacobian_penalty, outer_loss
+from .hypernet import HyperLearnGN
+from .lam_selection import LambdaSelection, apply_lambda, current_lambda, resolve_lambda, select_lambda
 from .schedule import ScheduleMetaLearner, adam_settings, load_schedule, save_schedule
 
 __all__ = [
@@ -30,8 +23,6 @@ __all__ = [
     "apply_lambda",
     "current_lambda",
     "load_schedule",
-    "negative_jacobian_penalty",
-    "outer_loss",
     "resolve_lambda",
     "save_schedule",
     "select_lambda",

@@ -9,13 +9,13 @@ module only decides which optimiser updates what. Manual optimisation with two o
   with λ held fixed (detached);
 * **outer** (every ``hyper_every`` steps after ``hyper_warmup`` steps, ``hyper`` split): ``log λ`` minimises
   the outer loss (label / keypoint error + a regularity guard,
-  :func:`~lightning_modules.hyper.objectives.outer_loss`) with the network weights held fixed. The
+  :func:`~layers.losses.outer_loss`) with the network weights held fixed. The
   hypergradient reaches λ through every GN iteration: each solve returns ``λ̄ = −yᵀ (L⊗I) x`` by
   implicit differentiation (:func:`layers.gn_solve`).
 
 The hyper batches come from ``trainer.datamodule.hyper_dataloader()`` (cycled), or from any iterable assigned
 to :attr:`BilevelLearnGN.hyper_source`. λ, the outer loss terms and the folding fraction of the hyper batch
-(:func:`lightning_modules.metrics.jacobian_stats`) are logged under ``hyper/``; λ's parameters are in the
+(:func:`layers.metrics.jacobian_stats`) are logged under ``hyper/``; λ's parameters are in the
 checkpoint (and so is the inner step counter, a buffer).
 """
 
@@ -28,16 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from layers.enums import LamKind
+from data.checkpoint import load_init_weights
+from layers.enums import Guard, LabelLoss, LamKind
 from layers.gn import GNOutput
 from layers.lam_schedule import LambdaSchedule
+from layers.losses import outer_loss
+from layers.metrics import jacobian_stats
 from layers.optim import FourierSchedule
 from lightning_modules.base import check_number
-from lightning_modules.checkpoint import load_init_weights
 from lightning_modules.learngn import LearnGN
-from lightning_modules.metrics import jacobian_stats
-
-from .objectives import Guard, cycle, outer_loss
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +110,7 @@ class BilevelLearnGN(LearnGN):
             check_number("lam_init", lam_init, low=0, strict=True)
         super().__init__(**kwargs)
         Guard.lookup(outer_guard, "outer_guard")
-        if outer_label not in ("dice", "mse"):
-            raise ValueError(f"unknown outer_label {outer_label!r}; known: dice, mse")
+        LabelLoss.lookup(outer_label, "outer_label")
         hyper_every = check_number("hyper_every", hyper_every, low=1, integer=True)
         hyper_warmup = check_number("hyper_warmup", hyper_warmup, low=0, integer=True)
         check_number("hyper_lr", hyper_lr, low=0, strict=True)
@@ -284,3 +282,19 @@ class BilevelLearnGN(LearnGN):
                                    weight_decay=hp.weight_decay)
         opt_hyper = torch.optim.Adam(self.hyper_parameters(), lr=hp.hyper_lr)
         return [opt_net, opt_hyper]
+
+
+def cycle(make_iterable: Any) -> Iterator[Any]:
+    """Endless iterator over ``make_iterable()`` (e.g. a DataLoader factory), restarted when exhausted.
+
+    ``make_iterable`` is a zero-argument callable returning an iterable (called again at every pass, so a
+    shuffled DataLoader reshuffles) or an iterable that can be iterated repeatedly.
+    """
+    while True:
+        source: Iterable[Any] = make_iterable() if callable(make_iterable) else make_iterable
+        empty = True
+        for item in source:
+            empty = False
+            yield item
+        if empty:
+            raise RuntimeError("cannot cycle over an empty iterable")

@@ -7,7 +7,7 @@
 * :func:`save_schedule` / :func:`load_schedule`: the learned schedule as a ``.pt`` file (or straight from the
   Lightning checkpoint) -> a :class:`~layers.optim.schedules.ValuesLR` that :class:`~lightning_modules.baselines.AdamIO`
   takes as ``schedule`` (``eval.py --method adam --schedule``); :func:`adam_settings` gives all of AdamIO's
-  arguments for it. Files are read by :func:`lightning_modules.checkpoint.load_checkpoint` (``weights_only``).
+  arguments for it. Files are read by :func:`data.checkpoint.load_checkpoint` (``weights_only``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
+from data.checkpoint import CheckpointError, load_checkpoint
 from layers.enums import StrEnum
 from layers.features import mind_ssc
 from layers.grid import pool_to_grid, upsample_field
-from layers.losses import keypoint_loss, label_loss
+from layers.losses import keypoint_loss, label_loss, outer_loss
+from layers.metrics.labels import batch_label_ids
 from layers.optim import (
     FourierSchedule,
     ValuesLR,
@@ -34,10 +36,6 @@ from layers.optim import (
 )
 from lightning_modules.base import RegistrationModule
 from lightning_modules.baselines import check_pair, renamed_options
-from lightning_modules.checkpoint import CheckpointError, load_checkpoint
-from lightning_modules.labels import batch_label_ids
-
-from .objectives import outer_loss
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +287,7 @@ def save_schedule(
 
 def _read_schedule(path: str | Path) -> tuple[list[float], float | None]:
     """``(values, step_unit)`` of a :func:`save_schedule` file or a ScheduleMetaLearner checkpoint, read by
-    :func:`lightning_modules.checkpoint.load_checkpoint` (no code runs from the file; errors name it)."""
+    :func:`data.checkpoint.load_checkpoint` (no code runs from the file; errors name it)."""
     path = Path(path)
     expected = "a learned schedule written by save_schedule (.pt) or a ScheduleMetaLearner checkpoint"
     obj = load_checkpoint(path, what="schedule file", expected=expected)

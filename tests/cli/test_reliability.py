@@ -21,7 +21,7 @@ import torch
 
 import eval as eval_cli
 import train
-from lightning_modules.checkpoint import CheckpointError
+from data.checkpoint import CheckpointError
 from tests.data.conftest import make_learn2reg, write_nifti
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -231,7 +231,8 @@ def test_a_bad_pair_in_a_batch_of_two(task, tmp_path):
 
 @pytest.mark.parametrize("stage", ["registration", "metrics", "writing"])
 def test_failures_after_loading_are_recorded(task, tmp_path, monkeypatch, stage):
-    from lightning_modules import base, evaluation
+    from data.evaluation import writer as evaluation
+    from lightning_modules import base
     from lightning_modules.baselines import Identity
 
     def boom(*a, **k):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eval as eval_cli
-from lightning_modules.checkpoint import model_from_checkpoint
+from data.checkpoint import model_from_checkpoint
 from lightning_modules.learngn import LearnGN
 
 pytestmark = pytest.mark.filterwarnings("ignore")

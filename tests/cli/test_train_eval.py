@@ -208,29 +208,23 @@ def test_eval_refines_a_learngn_field_with_adam(tmp_path):
         eval_cli.main(["--method", "gn", "--init-ckpt", ckpt, "--out", str(tmp_path / "g"), *common])
 
 
-def test_lam_guard_choices_are_the_guards():
-    from lightning_modules.hyper.objectives import Guard
-
-    assert eval_cli.LAM_GUARDS == tuple(g.value for g in Guard)
-
-
 def test_eval_lam_auto_chooses_on_the_named_split(tmp_path, monkeypatch):
     """--lam auto --lam-split train: λ is selected on the training pairs (not on the split evaluated), with the
     --lam-guard* selection loss; a split the data does not have is refused by name."""
-    from lightning_modules.hyper import hypernet
+    from lightning_modules.hyper import lam_selection
 
     _fit(tmp_path, "--trainer.max_epochs", "1")
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     common = ["--split", "val", "--figures", "0", "--accelerator", "cpu", "--data", "synthetic2d", "--no-disp",
               "--data-arg", "synthetic_shape=[32,32]", "--data-arg", "num_val=2", "--data-arg", "num_train=6"]
     seen = {}
-    real = hypernet.select_lambda
+    real = lam_selection.select_lambda
 
     def spy(model, loader, **kwargs):
         seen["n_pairs"], seen["kwargs"] = len(loader.dataset), kwargs
         return real(model, loader, **{**kwargs, "steps": 2, "sweep_points": 2, "max_batches": 1})
 
-    monkeypatch.setattr(hypernet, "select_lambda", spy)
+    monkeypatch.setattr(lam_selection, "select_lambda", spy)
     eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--lam", "auto", "--lam-split", "train",
                    "--lam-guard", "sdlogj", "--lam-guard-margin", "0.2", "--lam-guard-weight", "10",
                    "--out", str(tmp_path / "auto"), *common])

@@ -12,6 +12,7 @@ import yaml
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+from data.evaluation.metrics import pair_metrics
 from data.synthetic import SyntheticConfig, generator_for, make_synthetic_pair
 from layers.features import box_filter, mind_ssc
 from layers.optim import PRESETS, FeatureMSE, ImageLNCC, adam_optimise, apply_increment, schedule_values
@@ -27,13 +28,6 @@ from lightning_modules.baselines import (
     make_schedule,
     piecewise_lr,
 )
-from lightning_modules.baselines.convex import (
-    coupled_convex,
-    displacement_shifts,
-    inverse_consistency,
-    ssd_cost_volume,
-)
-from lightning_modules.metrics import pair_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,30 +163,6 @@ def test_convex_stage_recovers_large_shift():
     assert float(err[:, 8:-8, 8:-8, 8:-8].mean()) < 0.5
     u_noic = ConvexAdam(grid_sp=4, inverse_consistency=False).coarse_field(mind_ssc(fixed), mind_ssc(moving))
     assert float((u_noic - shift).norm(dim=1).mean()) < 1.0  # the same scale without inverse consistency
-
-
-def test_cost_volume_chunks_and_argmin(monkeypatch):
-    g = torch.Generator().manual_seed(1)
-    fixed, moving = torch.rand(1, 4, 7, 8, 9, generator=g), torch.rand(1, 4, 7, 8, 9, generator=g)
-    full = ssd_cost_volume(fixed, moving, 2)
-    import lightning_modules.baselines.convex as convex
-
-    monkeypatch.setattr(convex, "_CHUNK_ELEMENTS", 100)
-    chunked = ssd_cost_volume(fixed, moving, 2)
-    assert full.shape == (1, 125, 7, 8, 9)
-    torch.testing.assert_close(full, chunked)
-    # a shift of the moving features by one node along axis 1 is found exactly where defined
-    shifted = torch.roll(fixed, shifts=-1, dims=3)
-    u = coupled_convex(ssd_cost_volume(fixed, shifted, 2), 2, thetas=())
-    assert displacement_shifts(2, 3).shape == (125, 3)
-    assert float(u[0, 1, 2:-2, 2:-3, 2:-2].mean()) == pytest.approx(-1.0, abs=0.05)
-
-
-def test_inverse_consistency_keeps_exact_inverses():
-    u = torch.full((1, 3, 6, 6, 6), 0.5)
-    u1, u2 = inverse_consistency(u, -u, 15)
-    torch.testing.assert_close(u1, u)
-    torch.testing.assert_close(u2, -u)
 
 
 # ------------------------------------------------------------------------------------------ AdamIO init

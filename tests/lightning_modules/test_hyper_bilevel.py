@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader
 from data.collate import collate_pairs
 from data.datamodule import RegistrationDataModule
 from data.synthetic import SyntheticPairs
+from layers.metrics import jacobian_stats
 from lightning_modules.hyper import BilevelLearnGN, apply_lambda, current_lambda
 from lightning_modules.learngn import LearnGN
-from lightning_modules.metrics import jacobian_stats
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -238,7 +238,7 @@ def test_configs_parse(name, tmp_path):
 
 
 def test_negative_jacobian_penalty():
-    from lightning_modules.hyper.objectives import negative_jacobian_penalty, regularity_guard
+    from layers.losses import negative_jacobian_penalty, regularity_guard
 
     u = torch.zeros(1, 2, 16, 16, requires_grad=True)
     assert float(negative_jacobian_penalty(u)) == 0.0
@@ -259,7 +259,7 @@ def test_sdlogj_excess_is_the_hinge_of_the_metric():
     exactly, so SDlogJ is the population std of log(1 + c) over the interior columns (2-voxel crop)."""
     import numpy as np
 
-    from lightning_modules.hyper.objectives import regularity_guard, sdlogj_excess
+    from layers.losses import regularity_guard, sdlogj_excess
 
     c = torch.linspace(-0.3, 0.4, 16, dtype=torch.float64) ** 3 + 0.05 * torch.sin(torch.arange(16.0).double())
     u = torch.zeros(1, 2, 16, 16, dtype=torch.float64)

@@ -13,13 +13,13 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from data.collate import collate_pairs
+from data.evaluation.metrics import pair_metrics
 from data.synthetic import SyntheticPairs
 from layers.conditioning import FiLMHeads, LambdaFiLM
 from layers.heads import CompactHeads
 from layers.losses import regularity_loss
 from lightning_modules.hyper import HyperLearnGN, apply_lambda, current_lambda, resolve_lambda, select_lambda
 from lightning_modules.learngn import LearnGN
-from lightning_modules.metrics import pair_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

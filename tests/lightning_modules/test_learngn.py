@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from data.checkpoint import load_init_weights
 from data.collate import collate_pairs
 from data.synthetic import SyntheticPairs
 from lightning_modules.baselines import HandcraftedGN
-from lightning_modules.checkpoint import load_init_weights
 from lightning_modules.learngn import LearnGN
 
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from data.checkpoint import LEGACY_LAM_KEYS, model_from_checkpoint
 from data.collate import collate_pairs
 from data.synthetic import SyntheticPairs
 from layers.lam_schedule import geometric_schedule
 from layers.optim import FourierSchedule
-from lightning_modules.checkpoint import LEGACY_LAM_KEYS, model_from_checkpoint
 from lightning_modules.hyper import BilevelLearnGN, HyperLearnGN, current_lambda, resolve_lambda
 from lightning_modules.learngn import LearnGN
 

@@ -6,9 +6,9 @@ The full-size figure is the README table of ``make demo``.
 import torch
 
 from data.collate import collate_pairs
+from data.evaluation.metrics import pair_metrics
 from data.synthetic import SyntheticPairs
 from lightning_modules.learngn import LearnGN
-from lightning_modules.metrics import pair_metrics
 
 
 def test_training_improves_held_out_dice_over_handcrafted_gn():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.features import FEATURE_KINDS, FeatureKind, batch_features
-from lightning_modules.hyper.objectives import Guard, regularity_guard
+from data.features import FEATURE_KINDS, FeatureKind, batch_features
+from layers.enums import Guard
+from layers.losses import regularity_guard
 
 
 def test_feature_kinds_are_the_enum_values():

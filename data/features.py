@@ -8,8 +8,7 @@ import torch
 
 from layers import mind_ssc, signed_distance_maps
 from layers.enums import StrEnum
-
-from .labels import batch_label_ids
+from layers.metrics.labels import batch_label_ids
 
 __all__ = ["FEATURE_KINDS", "FeatureKind", "batch_features"]
 

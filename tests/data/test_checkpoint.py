@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.baselines import HandcraftedGN
-from lightning_modules.checkpoint import (
+from data.checkpoint import (
     CheckpointError,
     checkpoint_class,
     import_project_class,
@@ -19,6 +18,7 @@ from lightning_modules.checkpoint import (
     model_from_checkpoint,
     require_state_dict,
 )
+from lightning_modules.baselines import HandcraftedGN
 from lightning_modules.learngn import LearnGN
 
 GN = dict(spatial_dims=2, features="mind", iterations=1, hidden=2)
@@ -181,7 +181,7 @@ def test_retired_hyper_parameters_of_older_checkpoints_are_dropped(tmp_path):
 
 
 def test_exported_weights_rebuild_the_same_model(tmp_path):
-    from lightning_modules.checkpoint import export_weights, model_from_checkpoint
+    from data.checkpoint import export_weights, model_from_checkpoint
     from lightning_modules.learngn import LearnGN
 
     model = LearnGN(spatial_dims=2, features="mind", iterations=2, hidden=2)

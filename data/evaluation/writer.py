@@ -33,11 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from data.io import atomic_write_bytes, remove_stale_temporaries, write_pair_displacement
-
-from .base import synchronise
+from ..io import atomic_write_bytes, remove_stale_temporaries, write_pair_displacement
 from .figures import pair_figure
 from .metrics import METRIC_NAMES
 
@@ -52,6 +51,7 @@ __all__ = [
     "existing_results",
     "prepare_output",
     "summarise",
+    "synchronise",
     "write_outputs",
 ]
 
@@ -69,6 +69,14 @@ TIMING_KEYS: tuple[str, ...] = ("load", "initial_metrics", "register", "metrics"
 
 #: the files of an evaluation directly under ``<out>``
 RESULT_FILES: tuple[str, ...] = ("summary.json", "pairs.csv", "summary.md")
+
+
+def synchronise(device: torch.device | str | None) -> float:
+    """Wait for the work queued on ``device`` when it is a CUDA device (nothing otherwise), then return
+    ``time.perf_counter()`` in seconds: a time stamp that includes the device's pending work."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -337,13 +337,13 @@ def model_from_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lightning_modules.checkpoint SRC DST``: export the weights-only copy of a LearnGN-family
+    """``python -m data.checkpoint SRC DST``: export the weights-only copy of a LearnGN-family
     training checkpoint (:func:`export_weights`)."""
     import argparse
 
     from .learngn import LearnGN
 
-    parser = argparse.ArgumentParser(prog="python -m lightning_modules.checkpoint", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m data.checkpoint", description=main.__doc__)
     parser.add_argument("src", help="a training checkpoint (e.g. runs/<recipe>/checkpoints/last.ckpt)")
     parser.add_argument("dst", help="the weights-only file to write")
     args = parser.parse_args(argv)

@@ -63,6 +63,7 @@ def batch_label_ids(
     return label_id_list(ids)
 
 
+
 def spacing_tensor(spacing: Any, batch: int, n: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Spacing ``None`` / ``(n,)`` / ``(1, n)`` / ``(B, n)`` -> ``(B, n)`` tensor (mm per voxel)."""
     if spacing is None:
