@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    batches = brainpair_batches(shared_data_root())
+    batches = brainpair_batches(shared_data_root("BrainPair"))
     started = now()
     lines = [
         "# Baseline probes",

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets: list[tuple[str, list[dict[str, Any]]]] = []
     if not args.no_brainpair:
-        brain = brainpair_batches(shared_data_root())
+        brain = brainpair_batches(shared_data_root("BrainPair"))
         if brain:
             datasets.append(("BrainPair (160×192×224, 30 labels, both directions)", brain))
     if args.synthetic > 0:

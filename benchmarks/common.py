@@ -32,15 +32,21 @@ RESULTS = REPO / "benchmarks" / "results"
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def shared_data_root() -> Path:
-    """``$L2O_SHARED_DATA`` or ``<repo>/../shared/data``."""
+def shared_data_root(name: str | None = None) -> Path:
+    """The folder of the shared data sets: ``$L2O_SHARED_DATA``; else ``<repo>/.gpu_data`` when it holds the data
+    set ``name`` (the copy a device run stages); else ``<repo>/../shared/data``. The data may be absent."""
     env = os.environ.get("L2O_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    if env:
+        return Path(env)
+    staged = REPO / ".gpu_data"
+    if name is not None and (staged / name / f"{name}_dataset.json").is_file():
+        return staged
+    return REPO.parent / "shared" / "data"
 
 
 def dataset_json(name: str) -> Path:
     """The Learn2Reg dataset JSON of the shared data set ``name`` (e.g. ``Hippocampus``); it may not exist."""
-    return shared_data_root() / name / f"{name}_dataset.json"
+    return shared_data_root(name) / name / f"{name}_dataset.json"
 
 
 def as_batch(sample: dict[str, Any]) -> dict[str, Any]:

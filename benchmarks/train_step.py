@@ -63,6 +63,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 REPO = Path(__file__).resolve().parents[1]
 
 import layers.gn as gn_module  # noqa: E402
+from benchmarks.common import as_batch, dataset_json  # noqa: E402
 from lightning_modules.learngn import LearnGN  # noqa: E402
 
 VARIANTS = {"base": {}, "recompute": {"recompute": True}}
@@ -105,23 +106,12 @@ def train_step_benchmark(
 # ------------------------------------------------------------------------------------------------ data, model
 
 
-def data_root() -> Path | None:
-    """The folder holding ``BrainPair/``: ``$L2O_SHARED_DATA``, else ``<repo>/.gpu_data``, else
-    ``<repo>/../shared/data``; None when none has it."""
-    env = os.environ.get("L2O_SHARED_DATA")
-    for root in ([Path(env)] if env else []) + [REPO / ".gpu_data", REPO.parent / "shared" / "data"]:
-        if (root / "BrainPair" / "BrainPair_dataset.json").is_file():
-            return root
-    return None
-
-
 def load_pair(size: tuple[int, int, int], device: torch.device) -> tuple[dict[str, Any], str]:
     """A one-pair batch of shape ``(1, 1, *size)`` on ``device`` and a description of its source."""
-    root = data_root()
-    if root is not None:
+    json_path = dataset_json("BrainPair")
+    if json_path.is_file():
         from data.learn2reg import Learn2RegDataset
 
-        json_path = root / "BrainPair" / "BrainPair_dataset.json"
         ds = Learn2RegDataset(json_path, "registration_val", require_labels=True, cache_size=0)
         sample = ds[0]
         native = tuple(sample["fixed"].shape[1:])
@@ -136,7 +126,7 @@ def load_pair(size: tuple[int, int, int], device: torch.device) -> tuple[dict[st
 
         sample = SyntheticPairs(1, seed=0, shape=size, ndim=3)[0]
         source = "synthetic (data.synthetic.SyntheticPairs, seed 0; BrainPair not found)"
-    batch = {k: (v[None].to(device) if torch.is_tensor(v) else [v]) for k, v in sample.items()}
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in as_batch(sample).items()}
     return batch, source
 
 
