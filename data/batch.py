@@ -61,7 +61,6 @@ ID_KEYS = ("fixed_id", "moving_id")
 FAILED_KEY = "failed"
 
 
-
 def batch_masks(batch: Mapping[str, Any], use_masks: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(fixed_mask, moving_mask)`` of a batch for the similarity terms (docs/design.md §3, §6), each
     ``(B, 1, *S)`` in the fixed image's dtype or None (absent from the batch, or ``use_masks`` off). A batch

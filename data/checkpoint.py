@@ -55,6 +55,8 @@ SAFE_GLOBALS: tuple[type, ...] = (
 
 #: Module prefixes a recorded model class may be imported from.
 PROJECT_PREFIXES: tuple[str, ...] = ("lightning_modules.",)
+#: the base class of the models :func:`main` exports
+LEARNGN = "lightning_modules.learngn.LearnGN"
 
 _QUALNAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 CHECKPOINT = "a Lightning checkpoint (.ckpt) saved by this project"
@@ -335,19 +337,18 @@ def model_from_checkpoint(
     return model.eval(), ckpt
 
 
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m data.checkpoint SRC DST``: export the weights-only copy of a LearnGN-family
     training checkpoint (:func:`export_weights`)."""
     import argparse
 
-    from .learngn import LearnGN
-
     parser = argparse.ArgumentParser(prog="python -m data.checkpoint", description=main.__doc__)
     parser.add_argument("src", help="a training checkpoint (e.g. runs/<recipe>/checkpoints/last.ckpt)")
     parser.add_argument("dst", help="the weights-only file to write")
     args = parser.parse_args(argv)
-    export_weights(args.src, args.dst, base=LearnGN)
+    # by name, as every class a checkpoint names (data/ does not import lightning_modules/; docs/design.md §1)
+    learngn = import_project_class(LEARNGN, base=torch.nn.Module, path=args.src)
+    export_weights(args.src, args.dst, base=learngn)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,9 @@ class LambdaSchedule(nn.Module):
         """λ per iteration ``(K,)``, differentiable in the learned parameters.
 
         ``log_lam``: a first-iteration ``log λ`` ``()`` (or ``(B,)``, one per batch item) that replaces the
-        schedule's own scale, the shape kept (the conditioning input, :func:`select_lambda`'s variable);
-        returns ``(K,)`` (or ``(K, B)``), differentiable in ``log_lam``.
+        schedule's own scale, the shape kept (the conditioning input; the variable of test-time λ selection,
+        :func:`lightning_modules.hyper.lam_selection.select_lambda`); returns ``(K,)`` (or ``(K, B)``),
+        differentiable in ``log_lam``.
         """
         if log_lam is not None:
             ratio = self.shape().to(log_lam.device)

@@ -1,7 +1,8 @@
 """Training losses of the learned registration models (docs/design.md §4) and the outer losses of learned
 hyper-parameters (docs/design.md §5).
 
-All take the full-resolution displacement ``u`` ``(B, n, *S)`` (voxel units) and return a scalar.
+The training losses take the full-resolution displacement ``u`` ``(B, n, *S)`` (voxel units) and return a scalar;
+:func:`outer_loss` takes a batch and ``u`` and returns its weighted terms.
 
 The outer loss of bilevel λ learning, of test-time λ selection and of the meta-learned Adam schedule
 (:func:`outer_loss`) is a supervised registration error (label overlap and/or keypoint distance) plus a

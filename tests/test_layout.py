@@ -1,6 +1,6 @@
 """The package layering of docs/design.md §1, read from the import statements of every module: ``layers/`` imports
-neither ``data/``, ``lightning_modules/`` nor Lightning; ``data/`` does not import ``lightning_modules/``; the
-project's modules import one another without cycles."""
+neither ``data/``, ``lightning_modules/`` nor Lightning; ``data/`` does not import ``lightning_modules/``; every
+import of a project module names one that exists; the project's modules import one another without cycles."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute names of the modules that ``path`` imports (relative imports resolved), at any depth."""
+def _imports(path: Path, *, modules_only: bool = False) -> set[str]:
+    """Absolute names that ``path`` imports (relative imports resolved), at any depth: the modules and, unless
+    ``modules_only``, ``module.name`` for each name of a ``from module import name``."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
@@ -38,7 +39,8 @@ def _imports(path: Path) -> set[str]:
             else:
                 mod = node.module or ""
             out.add(mod)
-            out.update(f"{mod}.{alias.name}" for alias in node.names)
+            if not modules_only:
+                out.update(f"{mod}.{alias.name}" for alias in node.names)
     return out
 
 
@@ -55,6 +57,16 @@ def test_lower_layers_do_not_import_upper_ones(package):
         for imported in _imports(path):
             if imported.split(".")[0] in FORBIDDEN[package]:
                 bad.append(f"{name} imports {imported}")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_project_import_names_an_existing_module():
+    """A relative import left behind by a move (``from .learngn import ...`` in a module that left
+    ``lightning_modules/``) fails here, before anything runs it."""
+    modules = _modules()
+    bad = [f"{name} imports {imported}, which does not exist" for name, path in modules.items()
+           for imported in _imports(path, modules_only=True)
+           if imported.split(".")[0] in PACKAGES and imported not in modules]
     assert not bad, "\n".join(bad)
 
 

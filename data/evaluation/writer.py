@@ -1,4 +1,5 @@
-"""Hold-out evaluation outputs (docs/design.md §9): a Lightning prediction writer and the summary files.
+"""Hold-out evaluation outputs (docs/design.md §9): a Lightning prediction writer and the summary files, and
+:func:`synchronise`, the CUDA-synchronised time stamp that times every evaluation stage.
 
 Output contract (other tools read it):
 

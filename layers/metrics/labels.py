@@ -15,6 +15,7 @@ __all__ = ["batch_label_ids", "check_label_map", "check_label_pair", "label_id_l
 
 
 def check_label_map(x: torch.Tensor, name: str) -> None:
+    """Refuse anything but an integer label map ``(B, 1, *S)``, with a message naming ``name``."""
     if x.dim() not in (4, 5) or x.shape[1] != 1:
         raise ValueError(f"{name} must be an integer label map (B, 1, *S); got shape {tuple(x.shape)}")
     if x.is_floating_point() or x.is_complex():
@@ -63,7 +64,6 @@ def batch_label_ids(
     return label_id_list(ids)
 
 
-
 def spacing_tensor(spacing: Any, batch: int, n: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Spacing ``None`` / ``(n,)`` / ``(1, n)`` / ``(B, n)`` -> ``(B, n)`` tensor (mm per voxel)."""
     if spacing is None:
@@ -77,6 +77,7 @@ def spacing_tensor(spacing: Any, batch: int, n: int, *, dtype: torch.dtype, devi
 
 
 def same_shape(a: torch.Tensor, b: torch.Tensor, na: str, nb: str) -> None:
+    """Refuse two tensors of different shapes, with a message naming both (``na``, ``nb``)."""
     if a.shape != b.shape:
         raise ValueError(f"{na} {tuple(a.shape)} and {nb} {tuple(b.shape)} must have the same shape")
 

@@ -155,7 +155,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def resolve_preset(name: str) -> Preset:
-    """The :class:`Preset` called ``name`` (a :class:`layers.enums.Preset` or its string), or ``ValueError``
+    """The :class:`Preset` called ``name`` (a :class:`layers.enums.PresetName` or its string), or ``ValueError``
     listing the known names."""
     try:
         return PRESETS[PresetName.lookup(name, "preset").value]

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ConvexAdam"]
 
+
 class ConvexAdam(BaselineModule):
     """ConvexAdam: coupled convex discrete optimisation followed by Adam fine-tuning (evaluation only).
 

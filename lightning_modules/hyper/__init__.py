@@ -2,8 +2,9 @@
 
 * :class:`BilevelLearnGN` — λ (scalar, per iteration or a schedule; optionally GN step sizes) learned on the
   ``hyper`` split by bilevel optimisation (manual optimisation, two optimisers);
-* :class:`HyperLearnGN` — heads conditioned on ``log λ`` (FiLM), amortised over a range; :func:`select_lambda`
-  / :func:`resolve_lambda` choose λ at test time (``eval.py --lam <value|auto>``);
+* :class:`HyperLearnGN` — heads conditioned on ``log λ`` (FiLM), amortised over a range;
+* :mod:`~lightning_modules.hyper.lam_selection` — λ of any LearnGN at test time: :func:`select_lambda` chooses it
+  for a dataset, :func:`resolve_lambda` is ``eval.py --lam <value|auto>``;
 * :class:`ScheduleMetaLearner` — a learned learning-rate schedule for Adam instance optimisation, meta-trained
   through the differentiable Adam of :mod:`layers.optim`; :func:`load_schedule` gives what
   ``AdamIO(schedule=...)`` takes.

@@ -186,7 +186,7 @@ class BilevelLearnGN(LearnGN):
                         "hyper_fraction > 0), or set model.hyper_source"
                     )
                 source = dm.hyper_dataloader
-            self._hyper_iter = cycle(source)
+            self._hyper_iter = _cycle(source)
         batch = next(self._hyper_iter)
         return self.transfer_batch_to_device(batch, self.device, 0)
 
@@ -284,7 +284,7 @@ class BilevelLearnGN(LearnGN):
         return [opt_net, opt_hyper]
 
 
-def cycle(make_iterable: Any) -> Iterator[Any]:
+def _cycle(make_iterable: Any) -> Iterator[Any]:
     """Endless iterator over ``make_iterable()`` (e.g. a DataLoader factory), restarted when exhausted.
 
     ``make_iterable`` is a zero-argument callable returning an iterable (called again at every pass, so a

@@ -181,7 +181,7 @@ def test_retired_hyper_parameters_of_older_checkpoints_are_dropped(tmp_path):
 
 
 def test_exported_weights_rebuild_the_same_model(tmp_path):
-    from data.checkpoint import export_weights, model_from_checkpoint
+    from data.checkpoint import main, model_from_checkpoint
     from lightning_modules.learngn import LearnGN
 
     model = LearnGN(spatial_dims=2, features="mind", iterations=2, hidden=2)
@@ -192,7 +192,8 @@ def test_exported_weights_rebuild_the_same_model(tmp_path):
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "model_class": "lightning_modules.learngn.LearnGN", "optimizer_states": [{"big": torch.zeros(10_000)}]},
                src)
-    dst = export_weights(src, tmp_path / "out" / "shipped.ckpt", base=LearnGN)
+    dst = tmp_path / "out" / "shipped.ckpt"
+    main([str(src), str(dst)])  # python -m data.checkpoint SRC DST
     assert dst.stat().st_size < src.stat().st_size
     assert "optimizer_states" not in torch.load(dst, weights_only=True)
     loaded, _ = model_from_checkpoint(dst, base=LearnGN)

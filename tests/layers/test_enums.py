@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from layers.enums import Backend, Coupling
+from layers.enums import Backend, Coupling, Guard
 from layers.laplacian import system_structure
+from layers.losses import regularity_guard
 
 
 def test_members_are_their_strings():
@@ -26,3 +28,11 @@ def test_lookup_names_the_option_and_its_choices(enum, name):
 def test_system_structure_checks_the_coupling():
     with pytest.raises(ValueError, match="^coupling must be one of"):
         system_structure((3, 4), 2, "block")
+
+
+def test_guard_lookup():
+    u = torch.zeros(1, 2, 4, 4)
+    assert float(regularity_guard(u, Guard.NONE)) == 0.0 and float(regularity_guard(u, "diffusion")) == 0.0
+    message = r"^guard must be one of \('diffusion', 'negjac', 'sdlogj', 'none'\); got 'l2'"
+    with pytest.raises(ValueError, match=message):
+        regularity_guard(u, "l2")
