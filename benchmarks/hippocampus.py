@@ -58,6 +58,7 @@ SDLOGJ_TARGET = 0.2
 def methods(ckpt: str, lam: float) -> list[tuple[str, str, list[str]]]:
     """(key, row label, eval.py arguments) of the compared methods on the val pairs (GN added separately);
     ``lam``: the LearnGN's first-iteration λ chosen on training pairs."""
+    trained = training_lambda(ckpt)
     cfg = "configs/baselines/"
     lam_args = ["--lam", f"{lam:g}"]
     return [
@@ -74,7 +75,8 @@ def methods(ckpt: str, lam: float) -> list[tuple[str, str, list[str]]]:
          ["--method", "convexadam", "--method-config", cfg + "convexadam_logj.yaml"]),
         ("learngn", f"**LearnGN** (checkpoint, λ {lam:g} chosen on training pairs)",
          ["--method", "learngn", "--ckpt", ckpt, *lam_args]),
-        ("learngn_trained", "LearnGN at its training λ (0.3; no selection)", ["--method", "learngn", "--ckpt", ckpt]),
+        ("learngn_trained", f"LearnGN at its training λ ({trained:g}; no selection)",
+         ["--method", "learngn", "--ckpt", ckpt]),
         ("learngn_adam", "**LearnGN + Adam refinement** (AdamIO constant, 30 it, from the LearnGN field)",
          ["--method", "adam", "--method-config", cfg + "adam_constant.yaml", "--method-arg", "iterations=30",
           "--init-ckpt", ckpt, *lam_args]),
@@ -85,6 +87,13 @@ def methods(ckpt: str, lam: float) -> list[tuple[str, str, list[str]]]:
         ("oracle", "oracle: handcrafted GN on distance maps of the *true* labels (gn_sdm.yaml)",
          ["--method", "gn", "--method-config", cfg + "gn_sdm.yaml"]),
     ]
+
+
+def training_lambda(ckpt: str) -> float:
+    """The first-iteration λ a LearnGN checkpoint was trained with (its ``lam_start``), read without running code."""
+    from data.checkpoint import load_checkpoint  # the installed package (make install)
+
+    return float(load_checkpoint(REPO / ckpt, what="--ckpt")["hyper_parameters"]["lam_start"])
 
 
 def learned_hyper(a: argparse.Namespace, out: Path) -> list[tuple[str, str, list[str]]]:

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train
+from data.checkpoint import qualname
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "model" in (yaml.safe_load(p.read_text()) or {}))
@@ -23,7 +25,15 @@ def test_recipe_instantiates(recipe, tmp_path, monkeypatch):
     extra = []
     init_from = ((yaml.safe_load(recipe.read_text())["model"] or {}).get("init_args") or {}).get("init_from")
     if init_from and not Path(init_from).is_absolute():  # a repository path, as run from the repository root
-        extra = ["--model.init_args.init_from", str(ROOT / init_from)]
+        path = ROOT / init_from
+        if not path.exists():
+            # the output of an earlier stage (e.g. runs/<stage 1>/checkpoints/last.ckpt), absent from a fresh
+            # clone: stand in a checkpoint of the same model, so that the weights are still loaded through init_from
+            base = train.main(["-c", str(recipe), "--model.init_args.init_from", "null"], run=False).model
+            path = tmp_path / "stage1.ckpt"
+            torch.save({"state_dict": base.state_dict(), "hyper_parameters": dict(base.hparams),
+                        "model_class": qualname(base)}, path)
+        extra = ["--model.init_args.init_from", str(path)]
     cli = train.main(["-c", str(recipe), *extra], run=False)
     assert cli.model.hparams is not None
     assert cli.datamodule is not None
