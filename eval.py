@@ -170,18 +170,19 @@ def check_lam_options(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --lam-search needs SWEEP, STEPS >= 0, not both 0; got {sweep} {steps}")
 
 
-def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
+def apply_lam(args: argparse.Namespace, model, dm=None) -> str:
     """``--lam``: set the λ of the LearnGN model (``--method learngn``) or of the LearnGN that starts an Adam
     refinement (``--init-ckpt``); ``auto`` chooses it on the ``--lam-split`` pairs of the data module ``dm``
-    (set up), with the ``--lam-guard*`` selection loss."""
+    (set up), with the ``--lam-guard*`` selection loss. Returns a sentence naming the λ used (for the outputs)."""
     target = model if args.method == "learngn" else getattr(model, "initialiser", None)
     if target is None:
         raise SystemExit("error: --lam applies to --method learngn and to the model of --init-ckpt")
     from lightning_modules.hyper.lam_selection import is_auto, resolve_lambda
 
     if not is_auto(args.lam):
-        log.info("using λ = %g", resolve_lambda(target, args.lam))
-        return
+        lam = resolve_lambda(target, args.lam)
+        log.info("using λ = %g", lam)
+        return f"First-iteration λ {lam:.4g} (`--lam`)."
     if args.lam_split == args.split:
         log.warning("--lam auto chooses λ on the split it evaluates (%s): the result is in-sample", args.split)
     try:
@@ -192,6 +193,7 @@ def apply_lam(args: argparse.Namespace, model, dm=None) -> None:
     lam = resolve_lambda(target, args.lam, loader, guard=args.lam_guard, guard_margin=args.lam_guard_margin,
                          w_guard=args.lam_guard_weight, sweep_points=sweep, steps=steps)
     log.info("using λ = %g (chosen on the %s split)", lam, args.lam_split)
+    return f"First-iteration λ {lam:.4g}, chosen by `--lam auto` on the `{args.lam_split}` split."
 
 
 
@@ -334,9 +336,10 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
     method_args.update(_key_values(args.method_arg, "--method-arg"))
     model, meta = build_method(args, method_args)
     dm = build_data(args, meta, _key_values(args.data_arg, "--data-arg"))
+    lam_note = ""
     if args.lam is not None:
         dm.setup()
-        apply_lam(args, model, dm)
+        lam_note = " " + apply_lam(args, model, dm)
     pairs = dm.eval_pairs()
     if pairs is not None:  # before the first pair: no two pairs may write the same displacement file
         check_unique_disp_names(pairs)
@@ -345,7 +348,7 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any] | None:
     model = with_prealignment(model, args.affine)
     writer = EvaluationWriter(out, args.method, n_figures=args.figures, half=args.half,
                               write_disp=not args.no_disp,
-                              note=f"Data: `{dm.source}`, split `{args.split}`.\n")
+                              note=f"Data: `{dm.source}`, split `{args.split}`.{lam_note}\n")
     trainer = Trainer(
         accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, num_nodes=args.num_nodes,
         precision=args.precision, logger=False, callbacks=[writer], enable_checkpointing=False,

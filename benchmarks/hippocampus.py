@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     hyper_rows = [(key, label, get(key, args, "val")) for key, label, args in learned_hyper(a, out)]
 
     lines = ["# Hippocampus (real MR): learned GN against handcrafted GN and the classical baselines", "",
-             f"Command: `python benchmarks/hippocampus.py --ckpt {a.ckpt} --threads {a.threads}"
-             f"{' --reuse' if a.reuse else ''}` (started "
+             f"Command: `python benchmarks/hippocampus.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
+             "(started "
              f"{started}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average at "
              f"the end {os.getloadavg()[0]:.1f}).", "",
              "The 20 `registration_val` pairs of `../shared/data/Hippocampus` (40 subjects, none in the training "
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if hyper_rows:
         lines += ["", "## Learned hyper-parameters against their hand-set defaults (val pairs)", "",
                   "Each learned setting next to the setting it replaces; every choice was made on training "
-                  "subjects only. The LearnGN rows of the table above are the reference of the first two.", "",
+                  "subjects only. The LearnGN rows of the table above are the reference of the bilevel and "
+                  "hypernetwork rows (the same network).", "",
                   *table(hyper_rows)]
     lines += ["", "## Handcrafted GN: settings scored on 20 training pairs", "",
               "| setting | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]

@@ -202,6 +202,7 @@ def test_eval_refines_a_learngn_field_with_adam(tmp_path):
         torch.testing.assert_close(read_displacement(tmp_path / "c5" / "disp" / file.name), read_displacement(file),
                                    rtol=0, atol=0)
         assert (read_displacement(file) - read_displacement(tmp_path / "l" / "disp" / file.name)).abs().max() > 1e-3
+    assert "First-iteration λ 0.05 (`--lam`)." in (tmp_path / "l5" / "summary.md").read_text()
     with pytest.raises(SystemExit, match="--lam applies"):
         eval_cli.main(["--method", "gn", "--lam", "0.05", "--out", str(tmp_path / "g5"), *common])
     with pytest.raises(SystemExit, match="--init-ckpt applies"):
@@ -232,6 +233,7 @@ def test_eval_lam_auto_chooses_on_the_named_split(tmp_path, monkeypatch):
     assert seen["kwargs"] == {"guard": "sdlogj", "guard_margin": 0.2, "w_guard": 10.0, "sweep_points": 9,
                               "steps": 20}
     assert json.loads((tmp_path / "auto" / "summary.json").read_text())["n_pairs"] == 2
+    assert "chosen by `--lam auto` on the `train` split" in (tmp_path / "auto" / "summary.md").read_text()
     for bad, message in ((["--lam", "auto", "--lam-search", "0", "0"], "--lam-search"),
                          (["--lam", "auto", "--lam-guard-weight", "-1"], "--lam-guard-weight"),
                          (["--lam", "0.1", "--lam-split", "train"], "--lam-split applies to --lam auto only"),
