@@ -182,6 +182,25 @@ def fmt(v: float | None, key: str) -> str:
     return f"{v:.2f}" if key == "seconds" else f"{v * 100:.3f}" if key == "folding" else f"{v:.4f}"
 
 
+def appendix(selection: list, chosen_gn: int, lam_sel: list, lam: float, rows: list) -> list[str]:
+    """The page's last sections: the handcrafted GN settings and LearnGN's λ scored on training pairs (the chosen
+    ones marked), and the command of every row."""
+    lines = ["", "## Handcrafted GN: settings scored on 20 training pairs", "",
+              "| setting | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
+    lines += [f"| {label}{' (chosen)' if k == chosen_gn else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
+              for d, k, label, s in selection]
+    if lam_sel:
+        lines += ["", "## LearnGN: first-iteration λ scored on the same 20 training pairs", "",
+                  "| λ | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
+        lines += [f"| {v:g}{' (chosen)' if v == lam else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
+                  for d, v, s in lam_sel]
+    lines += ["", "## Commands", ""]
+    lines += [f"- {label}: `{s['command']}`" for _, label, s in rows]
+    lines += [f"- selection {label}: `{s['command']}`" for _, _, label, s in selection]
+    lines += [f"- selection LearnGN λ {v:g}: `{s['command']}`" for _, v, s in lam_sel]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="checkpoints/hippocampus_learngn.ckpt", help="LearnGN checkpoint")
@@ -264,20 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                   "subjects only. The LearnGN rows of the table above are the reference of the bilevel and "
                   "hypernetwork rows (the same network).", "",
                   *table(hyper_rows)]
-    lines += ["", "## Handcrafted GN: settings scored on 20 training pairs", "",
-              "| setting | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
-    lines += [f"| {label}{' (chosen)' if k == best[1] else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
-              for d, k, label, s in selection]
-    if lam_sel:
-        lines += ["", "## LearnGN: first-iteration λ scored on the same 20 training pairs", "",
-                  "| λ | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
-        lines += [f"| {v:g}{' (chosen)' if v == lam else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
-                  for d, v, s in lam_sel]
-    lines += ["", "## Commands", ""]
-    lines += [f"- {label}: `{s['command']}`" for _, label, s in rows]
-    lines += [f"- {label}: `{s['command']}`" for _, label, s in hyper_rows]
-    lines += [f"- selection {label}: `{s['command']}`" for _, _, label, s in selection]
-    lines += [f"- selection LearnGN λ {v:g}: `{s['command']}`" for _, v, s in lam_sel]
+    lines += appendix(selection, best[1], lam_sel, lam, rows + hyper_rows)
     Path(REPO / a.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -9,6 +9,7 @@ entry point of ``eval.py --lam <value|auto>``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -130,11 +131,7 @@ def select_lambda(
     if steps < 0 or sweep_points < 0 or steps + sweep_points == 0:
         raise ValueError(f"select_lambda needs steps, sweep_points >= 0, not both 0; got {steps}, {sweep_points}")
     device = next(model.parameters()).device
-    cached = []
-    for i, b in enumerate(dataloader):
-        if max_batches is not None and i >= max_batches:
-            break
-        cached.append(_to_device(b, device))
+    cached = [_to_device(b, device) for b in itertools.islice(dataloader, max_batches)]
     if not cached:
         raise ValueError("select_lambda needs at least one validation batch")
     if lam_range is None:
@@ -161,31 +158,13 @@ def select_lambda(
     def total(log_lam: torch.Tensor) -> torch.Tensor:
         return torch.stack([loss_fn(b, run_with_log_lam(model, b, log_lam)) for b in cached]).mean()
 
+    start = 0.5 * (lo + hi) if lam_init is None else min(max(math.log(lam_init), lo), hi)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(False), _frozen(model):
-            sweep: list[tuple[float, float]] = []
-            with torch.no_grad():
-                for k in range(sweep_points):
-                    ll = lo + (hi - lo) * k / max(sweep_points - 1, 1)
-                    sweep.append((math.exp(ll), float(total(torch.tensor(ll, device=device)))))
-            start = 0.5 * (lo + hi) if lam_init is None else min(max(math.log(lam_init), lo), hi)
-            log_lam = torch.tensor(start, device=device, requires_grad=True)
-            opt = torch.optim.Adam([log_lam], lr=lr)
-            trace: list[tuple[float, float]] = []
-            for _ in range(steps):
-                loss = total(log_lam)
-                trace.append((math.exp(float(log_lam.detach())), float(loss.detach())))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    log_lam.clamp_(lo, hi)
-            lam_gd, loss_gd = math.exp(float(log_lam.detach())), math.inf
-            if steps:
-                with torch.no_grad():
-                    loss_gd = float(total(log_lam))
+            sweep = _sweep(total, lo, hi, sweep_points, device)
+            lam_gd, loss_gd, trace = _descend(total, start, lo, hi, steps, lr, device)
     finally:
         model.train(was_training)
     lam_sw, loss_sw = min(sweep, key=lambda t: t[1]) if sweep else (lam_gd, loss_gd)
@@ -203,6 +182,39 @@ def select_lambda(
         )
         source, lam = "sweep", lam_sw
     return LambdaSelection(lam, source, lam_gd, loss_gd, lam_sw, loss_sw, sweep, trace)
+
+
+@torch.no_grad()
+def _sweep(total: Callable[[torch.Tensor], torch.Tensor], lo: float, hi: float, points: int,
+           device: torch.device) -> list[tuple[float, float]]:
+    """``[(λ, loss)]`` at ``points`` log-spaced λ over ``[exp(lo), exp(hi)]``."""
+    out = []
+    for k in range(points):
+        ll = lo + (hi - lo) * k / max(points - 1, 1)
+        out.append((math.exp(ll), float(total(torch.tensor(ll, device=device)))))
+    return out
+
+
+def _descend(total: Callable[[torch.Tensor], torch.Tensor], start: float, lo: float, hi: float, steps: int,
+             lr: float, device: torch.device) -> tuple[float, float, list[tuple[float, float]]]:
+    """Adam on ``log λ`` from ``start``, clamped to ``[lo, hi]``: the final λ, its loss (inf without steps) and
+    the trace ``[(λ, loss before the update)]``."""
+    log_lam = torch.tensor(start, device=device, requires_grad=True)
+    opt = torch.optim.Adam([log_lam], lr=lr)
+    trace: list[tuple[float, float]] = []
+    for _ in range(steps):
+        loss = total(log_lam)
+        trace.append((math.exp(float(log_lam.detach())), float(loss.detach())))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            log_lam.clamp_(lo, hi)
+    lam, loss = math.exp(float(log_lam.detach())), math.inf
+    if steps:
+        with torch.no_grad():
+            loss = float(total(log_lam))
+    return lam, loss, trace
 
 
 def is_auto(lam: Any) -> bool:
