@@ -35,6 +35,38 @@ _PROJECT_DIRS = tuple(str(_ROOT / d) for d in ("lightning_modules", "layers", "d
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 
 
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` whose ``last.ckpt`` (``save_last``) is the state at the
+    end of every epoch, as its name says and as an exact resume (``--ckpt_path .../last.ckpt``) needs.
+
+    Lightning 2.x writes ``last.ckpt`` only when a top-k checkpoint is written in the same step, so with a
+    monitored metric it is a copy of the *best* checkpoint whenever the final epochs did not improve it. Here
+    ``last.ckpt`` is also written at the end of every epoch otherwise (after validation, or at the end of the
+    training epoch when checkpoints are saved there); the monitored ``best-*`` files are Lightning's.
+    """
+
+    @property
+    def state_key(self) -> str:
+        """The key of :class:`ModelCheckpoint` (its state in a checkpoint, so runs saved before this class resume
+        with their best-checkpoint bookkeeping)."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def _save_last_now(self, trainer) -> None:
+        # skipped as well when a checkpoint (a top-k one, with last.ckpt) was already written at this step
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class ConfigError(ValueError):
     """A config value the project rejected; the message is the project's own (with the class it was for)."""
 
@@ -101,7 +133,7 @@ class RegistrationCLI(LightningCLI):
             super()._run_subcommand(subcommand)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/dice",
             "checkpoint.mode": "max",

@@ -130,6 +130,8 @@ def select_lambda(
     Guard.lookup(guard, "guard")
     if steps < 0 or sweep_points < 0 or steps + sweep_points == 0:
         raise ValueError(f"select_lambda needs steps, sweep_points >= 0, not both 0; got {steps}, {sweep_points}")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
+        raise ValueError(f"select_lambda: max_batches must be None or an integer >= 0; got {max_batches!r}")
     device = next(model.parameters()).device
     cached = [_to_device(b, device) for b in itertools.islice(dataloader, max_batches)]
     if not cached:

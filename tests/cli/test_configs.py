@@ -19,20 +19,33 @@ def test_there_are_recipes():
             "abdomenctct3d.yaml"} <= names
 
 
+def _stage_outputs() -> dict[str, Path]:
+    """``<checkpoint.dirpath>/last.ckpt`` of each recipe (repository-relative) -> the recipe that writes it."""
+    out = {}
+    for recipe in RECIPES:
+        dirpath = (yaml.safe_load(recipe.read_text()).get("checkpoint") or {}).get("dirpath")
+        if dirpath:
+            out[f"{dirpath}/last.ckpt"] = recipe
+    return out
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_instantiates(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # loggers and checkpoints would go to runs/ under the working directory
     extra = []
     init_from = ((yaml.safe_load(recipe.read_text())["model"] or {}).get("init_args") or {}).get("init_from")
     if init_from and not Path(init_from).is_absolute():  # a repository path, as run from the repository root
-        path = ROOT / init_from
-        if not path.exists():
-            # the output of an earlier stage (e.g. runs/<stage 1>/checkpoints/last.ckpt), absent from a fresh
-            # clone: stand in a checkpoint of the same model, so that the weights are still loaded through init_from
-            base = train.main(["-c", str(recipe), "--model.init_args.init_from", "null"], run=False).model
-            path = tmp_path / "stage1.ckpt"
+        producer = _stage_outputs().get(init_from)
+        if producer is not None:
+            # the output of an earlier stage (runs/<stage>/checkpoints/last.ckpt): never the local run's file, but a
+            # checkpoint of the model that recipe builds, loaded through init_from (so the stages must fit)
+            base = train.main(["-c", str(producer), "--model.init_args.init_from", "null"], run=False).model
+            path = tmp_path / "stage.ckpt"
             torch.save({"state_dict": base.state_dict(), "hyper_parameters": dict(base.hparams),
                         "model_class": qualname(base)}, path)
+        else:
+            path = ROOT / init_from
+            assert path.is_file(), f"{recipe.name}: init_from {init_from} is no repository file and no recipe's output"
         extra = ["--model.init_args.init_from", str(path)]
     cli = train.main(["-c", str(recipe), *extra], run=False)
     assert cli.model.hparams is not None

@@ -88,6 +88,16 @@ def test_resume_reaches_the_same_state(tmp_path):
         torch.testing.assert_close(part["state_dict"][k], v, rtol=0, atol=0, msg=k)
 
 
+def test_last_ckpt_is_the_last_epoch_even_when_it_is_not_the_best(tmp_path):
+    """The monitored quantity (here the step, minimised) is best after the first epoch and never again: the best
+    checkpoint stays at epoch 0 while last.ckpt must hold the end of training (Lightning alone would leave it a
+    copy of the best one, and a resume from it would repeat the second epoch)."""
+    _fit(tmp_path, "--trainer.max_epochs", "2", "--checkpoint.monitor", "step", "--checkpoint.mode", "min")
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (1, 4)
+    assert [p.name for p in (tmp_path / "ckpt").glob("best-*.ckpt")] == ["best-000-00002.ckpt"]
+
+
 def test_fine_tuning_uses_the_new_learning_rate(tmp_path):
     _fit(tmp_path / "base", "--trainer.max_epochs", "1")
     base = tmp_path / "base" / "ckpt" / "last.ckpt"
