@@ -211,6 +211,12 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.dtype == b.dtype and a.device == b.device
 
 
+def _version(x: torch.Tensor) -> int:
+    """``x._version``, the count of in-place changes, or 0 for an inference tensor (which has none: under
+    :func:`torch.inference_mode`, as in Lightning's predict and test loops, it cannot be read)."""
+    return 0 if x.is_inference() else x._version
+
+
 @dataclass(frozen=True)
 class PreparedHeads:
     """What :meth:`CompactHeads.prepare` computes once per registration from the fixed features and the
@@ -228,7 +234,8 @@ class PreparedHeads:
     fixed_padded: torch.Tensor
     kernel: torch.Tensor
     fixed_share: torch.Tensor
-    #: ``fixed._version`` at preparation (an in-place change of the features afterwards makes it stale)
+    #: ``fixed._version`` at preparation (an in-place change of the features afterwards makes it stale; 0 for an
+    #: inference tensor)
     version: int = 0
 
 
@@ -288,7 +295,7 @@ class CompactHeads(nn.Module):
         kernel = torch.cat([self.j_head.linear_kernel(), kernel_f[:, c:]])
         fixed_padded = linear_extrapolation_pad(fixed)
         share = self._conv(fixed_padded, kernel_f[:, :c])
-        return PreparedHeads(fixed, fixed_padded, kernel, share, fixed._version)
+        return PreparedHeads(fixed, fixed_padded, kernel, share, _version(fixed))
 
     def _check(self, x: torch.Tensor, name: str) -> None:
         if spatial_dims(x, name) != self.n or x.shape[1] != self.channels:
@@ -303,7 +310,7 @@ class CompactHeads(nn.Module):
             prepared = self.prepare(fixed)
         elif not _same_data(prepared.fixed, fixed):
             raise ValueError("prepared was made by prepare() for other fixed features than these")
-        elif fixed._version != prepared.version:
+        elif _version(fixed) != prepared.version:
             raise ValueError("the fixed features were changed in place after prepare(): prepare them again")
         self._check(warped, "warped")
         n, c = self.n, self.channels

@@ -26,7 +26,7 @@ from .metrics.labels import batch_label_ids
 from .warp import warp_image, warp_keypoints, warp_onehot
 
 __all__ = ["class_weights", "keypoint_loss", "label_loss", "mind_loss", "negative_jacobian_penalty", "onehot_of",
-           "outer_loss", "regularity_guard", "regularity_loss", "sdlogj_excess"]
+           "outer_loss", "regularity_guard", "regularity_loss", "sdlogj_excess", "soft_dice"]
 
 
 def onehot_of(labels: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
@@ -64,12 +64,18 @@ def label_loss(
         w = class_weights(fix).to(u.dtype)
         per_class = (warped - fix).pow(2).flatten(2).mean((0, 2))
         return (w * per_class).sum() / w.numel()
-    dims = tuple(range(2, u.dim()))  # LabelLoss.DICE
-    inter = (warped * fix).sum(dims)
-    denom = warped.sum(dims) + fix.sum(dims)
-    dice = 2 * inter / denom.clamp_min(1e-6)
-    present = fix.sum(dims)[:, 1:] > 0
+    dice = soft_dice(warped, fix)  # LabelLoss.DICE
+    present = fix.flatten(2).sum(2)[:, 1:] > 0
     return 1.0 - dice[:, 1:][present].mean()
+
+
+def soft_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Soft Dice ``2 Σ a·b / (Σ a + Σ b)`` per item and channel of two maps ``(B, K, *S)`` in ``[0, 1]`` (sums
+    over ``S``; the denominator clamped at ``1e-6``, so two empty maps give 0) -> ``(B, K)``."""
+    if a.shape != b.shape:
+        raise ValueError(f"soft_dice needs maps of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.flatten(2), b.flatten(2)
+    return 2 * (a * b).sum(2) / (a.sum(2) + b.sum(2)).clamp_min(1e-6)
 
 
 def keypoint_loss(

@@ -20,8 +20,9 @@ from torch import nn
 
 from .features import signed_distance_maps
 from .grid import spatial_dims
+from .losses import soft_dice
 
-__all__ = ["SemanticNet", "semantic_loss", "semantic_targets"]
+__all__ = ["InstanceNorm", "SemanticNet", "instance_norm", "semantic_loss", "semantic_targets", "soft_segmentation"]
 
 
 class SemanticNet(nn.Module):
@@ -38,12 +39,17 @@ class SemanticNet(nn.Module):
     channels-last (``torch.channels_last_3d``; the values, the state dict and the gradients are unchanged): the
     convolutions then work on channels-last activations, which PyTorch's CPU (oneDNN) convolutions run without
     converting every layer's input and output (0.44 s against 0.52 s for a pair of 64³ images on one shared CPU
-    core).
+    core). Two more changes keep that layout and leave the values as they are (to rounding): the instance norms
+    are :class:`InstanceNorm` (PyTorch's copies a channels-last input to channels-first and back), and the
+    decoder skips MONAI's padding of an upsampled map to its skip connection's shape (a copy; with every axis a
+    multiple of 16 the shapes always match). Together 0.30 s -> 0.23 s for a pair of 64³ images on 2 CPU threads
+    (``benchmarks/results/learngn_profile.md``).
     """
 
     def __init__(self, n: int, labels: int, features: Sequence[int] = (8, 16, 24, 32, 48, 8)) -> None:
         super().__init__()
         from monai.networks.nets import BasicUNet
+        from monai.networks.nets.basic_unet import UpCat
 
         if n not in (2, 3):
             raise ValueError(f"n must be 2 or 3; got {n}")
@@ -56,6 +62,12 @@ class SemanticNet(nn.Module):
         self.net = BasicUNet(spatial_dims=n, in_channels=1, out_channels=self.labels, features=features,
                              act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
                              norm=("instance", {"affine": True}))
+        for name, module in list(self.net.named_modules()):
+            if isinstance(module, (nn.InstanceNorm2d, nn.InstanceNorm3d)):
+                parent, _, child = name.rpartition(".")
+                setattr(self.net.get_submodule(parent), child, InstanceNorm(module))
+            elif isinstance(module, UpCat):
+                module.is_pad = False
         if n == 3:
             self.net.to(memory_format=torch.channels_last_3d)
 
@@ -88,11 +100,48 @@ def semantic_loss(pred: torch.Tensor, target: torch.Tensor, sharpness: float = 4
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     target = target.to(pred.dtype)
     mse = (pred - target).pow(2).mean()
-    soft, inside = torch.sigmoid(-sharpness * pred), (target < 0).to(pred.dtype)
-    dims = tuple(range(2, pred.dim()))
-    inter, denom = (soft * inside).sum(dims), soft.sum(dims) + inside.sum(dims)
-    present = inside.sum(dims) > 0
+    soft, inside = soft_segmentation(pred, sharpness), (target < 0).to(pred.dtype)
+    present = inside.flatten(2).sum(2) > 0
     if not present.any():
         return mse
-    dice = (2 * inter / denom.clamp_min(1e-6))[present]
-    return mse + (1 - dice).mean()
+    return mse + (1 - soft_dice(soft, inside)[present]).mean()
+
+
+def soft_segmentation(maps: torch.Tensor, sharpness: float = 4.0) -> torch.Tensor:
+    """Soft segmentations ``sigmoid(−sharpness · maps)`` ``(B, L, *S)`` in ``(0, 1)`` of signed square-root
+    distance maps (``sqrt(mm)``, negative inside; :class:`SemanticNet`): 0.5 on the zero level set, 0.88 at
+    ``sharpness = 2`` one ``sqrt(mm)`` inside."""
+    return torch.sigmoid(-sharpness * maps)
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Affine instance normalisation of ``x`` ``(B, C, *S)``: per item and channel, ``(x − mean) / sqrt(var + eps)
+    · weight + bias`` with the mean and the biased variance over ``S`` (:func:`torch.nn.functional.instance_norm`
+    without running statistics), ``weight`` and ``bias`` ``(C,)``.
+
+    The statistics are two passes over a ``(B, S, C)`` view (no copy for a channels-last ``x``), and the result
+    keeps ``x``'s memory format: on a channels-last CPU tensor about 3x faster than PyTorch's instance norm, which
+    copies it to channels-first and back."""
+    b, c = x.shape[:2]
+    v = x.movedim(1, -1).reshape(b, -1, c)
+    mean = v.mean(1, keepdim=True)
+    centred = v - mean
+    var = (centred * centred).mean(1)
+    shape = (b, c) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(var + eps).reshape(shape) * weight.reshape(1, c, *shape[2:])
+    shift = bias.reshape(1, c, *shape[2:]) - mean.reshape(shape) * scale
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+
+
+class InstanceNorm(nn.Module):
+    """:func:`instance_norm` with the parameters of an affine ``nn.InstanceNorm2d`` / ``3d`` without running
+    statistics (``weight``, ``bias``: the same names and values, so state dicts are unchanged)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        if not getattr(norm, "affine", False) or getattr(norm, "track_running_stats", False):
+            raise ValueError("InstanceNorm replaces an affine instance norm without running statistics")
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, float(norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return instance_norm(x, self.weight, self.bias, self.eps)

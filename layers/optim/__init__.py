@@ -4,8 +4,8 @@
 module              contents
 ==================  ==========================================================================================
 ``objective``       :class:`InstanceObjective`, the one objective: diffusion + optional log-Jacobian + feature
-                    MSE (:class:`FeatureMSE`) + optional extra term (:class:`ImageLNCC`), additive or
-                    stationary-velocity (scaling-and-squaring) increments
+                    MSE (:class:`FeatureMSE`) + optional extra terms (:class:`ImageLNCC`,
+                    :class:`SegmentationDice`), additive or stationary-velocity (scaling-and-squaring) increments
 ``adam``            :func:`adam_optimise`, the ``torch.optim.Adam`` stepper (AdamIO, ConvexAdam's Adam stage),
                     and its full-resolution wrapper :func:`refine_field`
 ``functional``      :func:`differentiable_adam`, a functional Adam differentiable in the learning rates
@@ -18,7 +18,15 @@ module              contents
 from .adam import adam_optimise, refine_field
 from .fourier import FourierSchedule
 from .functional import differentiable_adam
-from .objective import FeatureMSE, ImageLNCC, InstanceObjective, apply_increment, grad_ready, smooth
+from .objective import (
+    FeatureMSE,
+    ImageLNCC,
+    InstanceObjective,
+    SegmentationDice,
+    apply_increment,
+    grad_ready,
+    smooth,
+)
 from .schedules import (
     PRESETS,
     ConstantLR,
@@ -43,6 +51,7 @@ __all__ = [
     "PiecewiseLR",
     "Preset",
     "Schedule",
+    "SegmentationDice",
     "ValuesLR",
     "adam_optimise",
     "apply_increment",

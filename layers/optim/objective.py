@@ -23,7 +23,7 @@ On a grid of stride ``s`` (``s = 2``: half resolution) with node ``g`` at full-r
   half-resolution voxels and λ = 1.25 multiplies the mean squared difference of neighbours). In
   full-resolution voxels the regulariser is therefore ``λ / s² · diffusion(u)``. ``logJ`` is the optional
   volume-change term :func:`layers.diff.log_jacobian_energy` (μ = ``logj_weight``, 0: none) and ``extra`` an
-  optional further term of the full-resolution-unit field (e.g. :class:`ImageLNCC`);
+  optional further term of the full-resolution-unit field (e.g. :class:`ImageLNCC`, :class:`SegmentationDice`);
 * the loss terms are means over the batch and the voxels (as in the published code for one pair). With
   ``B > 1`` each pair's gradient is divided by ``B``; Adam is invariant to that except through its ε, which is
   not negligible against the tiny per-voxel gradients of a mean, so a pair registered in a batch differs
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from layers.diff import diffusion, log_jacobian_energy
 from layers.features import box_filter
 from layers.grid import channels_last, coarse_shape, pool_to_grid, spatial_dims, upsample_field
+from layers.losses import soft_dice
 from layers.masks import check_mask, masked_mean, similarity_weight
 from layers.similarity import LNCC
 from layers.warp import compose, integrate_velocity, warp_image
@@ -223,6 +224,49 @@ class ImageLNCC:
         v = upsample_field(u, self.grid, self.ratio) / self.stride
         cc = self.lncc(warp_image(self.moving, v))
         return self.weight * (1.0 - masked_mean(cc, similarity_weight(self.fixed_mask, self.moving_mask, v)))
+
+
+class SegmentationDice:
+    """``weight · (1 − mean soft Dice(F, M ∘ (id + u)))`` of two soft segmentations averaged over ``stride^n``
+    blocks, for a field ``u`` on a coarser grid: an ``extra`` term of :class:`InstanceObjective`.
+
+    The segmentations are maps ``(B, L, *S)`` in ``[0, 1]``, one channel per label (e.g. the
+    :func:`layers.semantic.soft_segmentation` of a LearnGN model's semantic maps of the two images); the field
+    ``(B, n, *G_s)`` (full-resolution voxel units, grid stride ``field_stride = s``, a multiple of ``stride = t``)
+    is upsampled linearly to the stride-``t`` grid and converted to its voxels, the pooled moving segmentation
+    warped with it (:func:`layers.warp.warp_image`), and the soft Dice (:func:`layers.losses.soft_dice`) averaged
+    over the items and labels.
+
+    Args:
+        fixed, moving: full-resolution soft segmentations ``(B, L, *S)`` (constants).
+        field_stride: stride ``s`` of the field's grid.
+        stride: stride ``t`` of the segmentation grid (``s % t == 0``; 2 by default, half resolution).
+        weight: factor of ``1 − mean soft Dice``.
+
+    Raises:
+        ValueError: mismatched maps, values outside ``[0, 1]``, or ``field_stride`` not a multiple of ``stride``.
+    """
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, field_stride: int, *, stride: int = 2,
+                 weight: float = 1.0) -> None:
+        spatial_dims(fixed, "fixed")
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} segmentations differ")
+        if stride < 1 or field_stride < 1 or field_stride % stride:
+            raise ValueError(f"field_stride must be a multiple of stride >= 1; got {field_stride}, {stride}")
+        for name, x in (("fixed", fixed), ("moving", moving)):
+            if not bool(((x >= 0) & (x <= 1)).all()):
+                raise ValueError(f"the {name} segmentation must have values in [0, 1]")
+        self.stride, self.ratio, self.weight = int(stride), int(field_stride) // int(stride), float(weight)
+        self.grid = coarse_shape(tuple(fixed.shape[2:]), self.stride)
+        with torch.inference_mode(False):  # see ImageLNCC
+            self.fixed = pool_to_grid(grad_ready(fixed.detach()), self.stride)
+            self.moving = pool_to_grid(grad_ready(moving.detach()), self.stride)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """The weighted loss (a scalar, differentiable in ``u`` ``(B, n, *G_s)``)."""
+        v = upsample_field(u, self.grid, self.ratio) / self.stride
+        return self.weight * (1.0 - soft_dice(self.fixed, warp_image(self.moving, v)).mean())
 
 
 def apply_increment(base: torch.Tensor, inc: torch.Tensor, velocity_steps: int = 0) -> torch.Tensor:

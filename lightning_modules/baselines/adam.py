@@ -11,7 +11,8 @@ import torch
 
 from data.batch import batch_masks
 from layers.features import mind_ssc
-from layers.optim import Schedule, make_schedule, refine_field, resolve_preset
+from layers.optim import Schedule, SegmentationDice, make_schedule, refine_field, resolve_preset
+from layers.semantic import soft_segmentation
 
 from .common import BaselineModule, check_number, check_pair, renamed_options
 
@@ -30,6 +31,13 @@ class AdamIO(BaselineModule):
     ``weight · MSE(MIND) + λ · diffusion`` (λ = ``diffusion_weight``) with ``smooth_passes`` ``3^n`` average pools
     (replicate padding) of the increment per step (:mod:`layers.optim.objective` states the units). The result is
     upsampled linearly to full resolution.
+
+    Refining a LearnGN field (:meth:`set_initialiser`, ``eval.py --init-ckpt``) whose model predicts semantic maps,
+    ``semantic_weight > 0`` adds ``semantic_weight · (1 − soft Dice)`` of the two images' soft segmentations
+    (:func:`layers.semantic.soft_segmentation` of the model's maps, sharpness ``semantic_sharpness``) on the
+    optimisation grid (:class:`~layers.optim.objective.SegmentationDice`): the refinement then keeps, and
+    improves, the agreement of the structures the model was trained on, which MIND-SSC alone pulls away from
+    (``benchmarks/results/hippocampus.md``). The maps are computed once and also start the model's registration.
 
     Args:
         preset: ``"piecewise"`` (270 iterations of
@@ -56,12 +64,16 @@ class AdamIO(BaselineModule):
         use_masks: restrict the MIND MSE to the batch's ``fixed_mask`` / ``moving_mask`` when present
             (:mod:`layers.optim.objective`). Off by default; ``eval.py`` turns it on when mask
             files are given.
+        semantic_weight: weight of the soft Dice term of the initialising model's segmentations (0: none; > 0
+            needs an initialiser with semantic maps, see above).
+        semantic_sharpness: sharpness of those soft segmentations (2).
 
     Raises:
         ValueError: an unknown preset, a bad schedule, or a numeric option out of range (named in the message:
             ``iterations >= 0`` (0: the initial field is returned), ``diffusion_weight, weight, logj_weight >= 0``
             (λ 0: no diffusion term), ``stride, mind_dilation >= 1``, ``smooth_passes, mind_radius >= 0``,
-            ``step_unit > 0``).
+            ``step_unit > 0``, ``semantic_weight >= 0``, ``semantic_sharpness > 0``); at registration,
+            ``semantic_weight > 0`` without an initialiser that has semantic maps.
     """
 
     evaluation_only = True
@@ -84,6 +96,8 @@ class AdamIO(BaselineModule):
         init: InitFn | None = None,
         logj_weight: float = 0.0,
         use_masks: bool = False,
+        semantic_weight: float = 0.0,
+        semantic_sharpness: float = 2.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["init"] + ([] if schedule is None or isinstance(
@@ -109,6 +123,8 @@ class AdamIO(BaselineModule):
         self.init_fn = init
         self.logj_weight = check_number("logj_weight", logj_weight, low=0)
         self.use_masks = bool(use_masks)
+        self.semantic_weight = check_number("semantic_weight", semantic_weight, low=0)
+        self.semantic_sharpness = check_number("semantic_sharpness", semantic_sharpness, low=0, strict=True)
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """MIND-SSC of ``(B, 1, *S)`` -> ``(B, 12 | 4, *S)`` (full resolution, no gradient)."""
@@ -126,6 +142,7 @@ class AdamIO(BaselineModule):
         smooth_passes: int | None = None,
         fixed_mask: torch.Tensor | None = None,
         moving_mask: torch.Tensor | None = None,
+        extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the optimisation on full-resolution features ``(B, C, *S)``.
 
@@ -134,6 +151,7 @@ class AdamIO(BaselineModule):
             init: optional initial field ``(B, n, *S)`` (full-resolution voxel units).
             iterations, schedule, smooth_passes: overrides of this module's settings.
             fixed_mask, moving_mask: optional full-resolution masks ``(B, 1, *S)`` restricting the MIND MSE.
+            extra: optional further loss term of the field (:class:`~layers.optim.objective.InstanceObjective`).
 
         Returns:
             ``(B, n, *S)`` displacement (voxel units).
@@ -144,13 +162,31 @@ class AdamIO(BaselineModule):
             schedule=self.schedule if schedule is None else schedule,
             diffusion_weight=self.diffusion_weight, weight=self.weight, step_unit=self.step_unit,
             smooth_passes=self.smooth_passes if smooth_passes is None else int(smooth_passes),
-            logj_weight=self.logj_weight, fixed_mask=fixed_mask, moving_mask=moving_mask,
+            logj_weight=self.logj_weight, fixed_mask=fixed_mask, moving_mask=moving_mask, extra=extra,
         )
 
     def register(self, batch: dict[str, Any]) -> torch.Tensor:
         """Displacement ``(B, n, *S)`` (voxel units) of a batch; see the class docstring."""
         fixed, moving = check_pair(batch)
-        init = self.initial_field(batch)
+        maps = self.semantic_maps(batch)
+        init = self.initial_field(batch, maps=maps)
         fixed_mask, moving_mask = batch_masks(batch, self.use_masks)
+        extra = None
+        if maps is not None:
+            fixed_seg, moving_seg = (soft_segmentation(m, self.semantic_sharpness) for m in maps)
+            extra = SegmentationDice(fixed_seg, moving_seg, self.stride, stride=self.stride,
+                                     weight=self.semantic_weight)
         return self.optimise(self.features(fixed), self.features(moving), init, fixed_mask=fixed_mask,
-                             moving_mask=moving_mask)
+                             moving_mask=moving_mask, extra=extra)
+
+    def semantic_maps(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The initialiser's semantic maps of the fixed and the moving image (``(B, L, *S)`` each, no gradient)
+        when ``semantic_weight > 0``, else None; ``ValueError`` when there is no initialiser with such maps."""
+        if self.semantic_weight == 0:
+            return None
+        model = getattr(self, "initialiser", None)
+        if getattr(model, "semantic_net", None) is None:
+            raise ValueError("semantic_weight > 0 refines with the semantic maps of the initialising model: start "
+                             "from a LearnGN checkpoint trained with semantic: true (eval.py --init-ckpt)")
+        with torch.no_grad():
+            return model.semantic_maps(batch)

@@ -33,13 +33,15 @@ class BaselineModule(RegistrationModule):
             raise TypeError(f"the initialiser must be a RegistrationModule; got {type(model).__name__}")
         self.initialiser = model
 
-    def initial_field(self, batch: dict[str, Any]) -> torch.Tensor | None:
+    def initial_field(self, batch: dict[str, Any], maps: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor | None:
         """The initial full-resolution field ``(B, n, *S)`` (voxel units) of a batch, or None (see the class
-        docstring)."""
+        docstring); ``maps``: the initialiser's semantic maps of the batch when already computed (a LearnGN's
+        ``semantic_maps``), passed on so that it does not compute them again."""
         init = batch.get("init_disp")
         if init is None and getattr(self, "initialiser", None) is not None:
             with torch.no_grad():
-                init = self.initialiser.register(batch)
+                init = self.initialiser.register(batch) if maps is None else self.initialiser.run(batch, maps=maps).disp
         if init is None and self.init_fn is not None:
             init = self.init_fn(batch)
         return init

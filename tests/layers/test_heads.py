@@ -144,3 +144,18 @@ def test_prepared_heads_are_reused_only_for_their_own_fixed_features():
         heads(changed, warped, prepared=again)
     with pytest.raises(ValueError, match="must match"):
         heads(fixed, F.pad(warped, (0, 4)))
+
+
+def test_learned_gn_runs_under_inference_mode():
+    """Lightning's predict and test loops run under torch.inference_mode, whose tensors have no version counter:
+    the prepared heads work there and give the no_grad result."""
+    from layers.gn import GNRegistration
+
+    heads = _perturbed_heads(3, 2, 4, 0)
+    gn = GNRegistration(iterations=2, stride=4, lam=(0.5, 0.2), jf=heads, solver={"rtol": 1e-10}).double()
+    fixed, moving = torch.rand(2, 1, 2, 8, 8, 12, dtype=torch.float64).unbind(0)
+    with torch.no_grad():
+        expected = gn(fixed, moving).disp
+    with torch.inference_mode():
+        got = gn(fixed.clone(), moving.clone()).disp
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

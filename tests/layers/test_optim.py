@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layers.optim import ImageLNCC, PiecewiseLR, ValuesLR, adam_optimise, differentiable_adam
+from layers.optim import ImageLNCC, PiecewiseLR, SegmentationDice, ValuesLR, adam_optimise, differentiable_adam
 from lightning_modules.baselines import AdamIO, ConvexAdam
 
 REFERENCE = {
@@ -158,3 +158,36 @@ def test_the_two_steppers_agree():
     ref = adam_optimise(f, m, 2, iterations=7, schedule=ValuesLR(LRS), **kw)
     out = differentiable_adam(f, m, 2, torch.tensor(LRS, dtype=torch.float64), **kw)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_segmentation_dice_is_the_soft_dice_of_the_pooled_maps_warped_on_their_grid():
+    """A constant field on the stride-4 grid, segmentations pooled to stride 2: the moving map is warped by
+    const / 2 there; the soft Dice by its definition (explicit sums), in float64; a field that undoes a shift
+    scores better than none."""
+    from layers.grid import pool_to_grid
+    from layers.warp import warp_image
+
+    g = torch.Generator().manual_seed(3)
+    fixed = torch.rand(1, 2, 16, 16, 16, generator=g, dtype=torch.float64)
+    moving = torch.rand(1, 2, 16, 16, 16, generator=g, dtype=torch.float64)
+    term = SegmentationDice(fixed, moving, 4, stride=2, weight=3.0)
+    const = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    warped = warp_image(pool_to_grid(moving, 2), const.expand(1, 3, 8, 8, 8) / 2)
+    f2 = pool_to_grid(fixed, 2)
+    dice = [2 * (f2[0, k] * warped[0, k]).sum() / (f2[0, k].sum() + warped[0, k].sum()) for k in range(2)]
+    torch.testing.assert_close(term(const.expand(1, 3, 4, 4, 4)), 3.0 * (1 - torch.stack(dice).mean()))
+
+    blob = torch.zeros(1, 1, 16, 16, 16, dtype=torch.float64)
+    blob[..., 4:10, 6:12, 2:8] = 1.0  # whole 2³ blocks: binary after pooling
+    shifted = torch.roll(blob, 2, dims=-1)  # moving(x) = fixed(x - 2 along W): u_W = +2 undoes it
+    shift = SegmentationDice(blob, shifted, 2, stride=2)
+    u = torch.zeros(1, 3, 8, 8, 8, dtype=torch.float64)
+    undone = u.clone()
+    undone[:, 2] = 2.0
+    assert float(shift(undone)) < 1e-12 < float(shift(u))
+    with pytest.raises(ValueError, match="multiple of stride"):
+        SegmentationDice(fixed, moving, 4, stride=3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        SegmentationDice(fixed, moving + 1, 4)
+    with pytest.raises(ValueError, match="differ"):
+        SegmentationDice(fixed, moving[:, :1], 4)

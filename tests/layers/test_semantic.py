@@ -1,4 +1,5 @@
-"""Semantic feature network: shapes, targets and loss, bad input, the channels-last weights."""
+"""Semantic feature network: shapes, targets and loss, bad input, the channels-last weights, its instance norm and
+the MONAI network it stands for."""
 
 import copy
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from layers.features import signed_distance_maps
-from layers.semantic import SemanticNet, semantic_loss, semantic_targets
+from layers.semantic import InstanceNorm, SemanticNet, instance_norm, semantic_loss, semantic_targets
 
 
 @pytest.mark.parametrize("n,shape", [(2, (32, 48)), (3, (16, 32, 16))])
@@ -82,3 +83,53 @@ def test_channels_last_weights_give_the_maps_and_gradients_of_contiguous_ones():
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-12 * float(outs[1].detach().abs().max()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_instance_norm_equals_torch_instance_norm_and_keeps_the_layout(layout):
+    """Values and gradients (input, weight, bias) against ``torch.nn.functional.instance_norm`` in float64, on a
+    channel with a large mean (where one-pass variance formulas lose digits)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 6, 7, generator=g, dtype=torch.float64)
+    x[:, 1] += 1e4
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    weight = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    out = instance_norm(x, weight, bias, 1e-5)
+    ref = torch.nn.functional.instance_norm(x, weight=weight, bias=bias, eps=1e-5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels_last")
+    probe = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((probe * out).sum(), [x, weight, bias]),
+                    torch.autograd.grad((probe * ref).sum(), [x, weight, bias])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="affine"):
+        InstanceNorm(torch.nn.InstanceNorm3d(3))
+
+
+@pytest.mark.parametrize("n,shape", [(2, (32, 48)), (3, (16, 32, 16))])
+def test_semantic_net_equals_the_monai_basic_unet_it_stands_for(n, shape):
+    """SemanticNet (its own instance norms, no decoder padding, channels-last weights) against a MONAI
+    BasicUNet built with the same arguments and loaded with the same state dict: maps and gradients in float64."""
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(2)
+    widths = (4, 4, 6, 6, 8, 4)
+    net = SemanticNet(n, 2, widths).double()
+    assert not any(isinstance(m, (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)) for m in net.modules())
+    ref = BasicUNet(spatial_dims=n, in_channels=1, out_channels=2, features=widths,
+                    act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+                    norm=("instance", {"affine": True})).double()
+    with torch.no_grad():  # non-trivial norm parameters
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref.load_state_dict(net.net.state_dict())
+    image = torch.randn(2, 1, *shape, dtype=torch.float64, requires_grad=True)
+    out, expected = net(image), ref(image)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10 * float(expected.detach().abs().max()))
+    probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+    for a, b in zip(torch.autograd.grad((probe * out).sum(), [image, *net.net.parameters()]),
+                    torch.autograd.grad((probe * expected).sum(), [image, *ref.parameters()])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * max(1.0, float(b.abs().max())))
