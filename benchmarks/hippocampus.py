@@ -6,11 +6,15 @@ Every row is one ``eval.py`` run (its command is printed in the results page), o
 pairs of ``../shared/data/Hippocampus`` (40 subjects none of which is in the training split):
 
 1. handcrafted GN: a few settings are scored on 20 *training* pairs (``--split train --data-arg max_pairs=20``,
-   subjects disjoint from the val pairs) and the best is the one reported on the val pairs;
+   subjects disjoint from the val pairs) and the best is the one reported on the val pairs; every choice below
+   follows the same rule (:func:`choose`: the best training Dice with SDlogJ ≤ 0.2);
 2. identity, compositive GN, AdamIO (piecewise and constant), ConvexAdam (published settings and the project's
-   best recipe, ``convexadam_logj.yaml``), LearnGN (the checkpoint), LearnGN followed by Adam refinement
-   (``--init-ckpt``), and handcrafted GN on the signed distance maps of the *true* labels (an oracle no real
-   method has, the upper reference).
+   best recipe, ``convexadam_logj.yaml``), LearnGN (the checkpoint, its first-iteration λ chosen on the same
+   training pairs), LearnGN followed by Adam refinement (``--init-ckpt``: on MIND-SSC, with ConvexAdam's
+   LNCC stage, and with the soft Dice of the model's own segmentations, ``learngn_adam_semantic.yaml``, whose
+   weights are chosen on the training pairs too), a second LearnGN checkpoint when ``--fast-ckpt`` is given
+   (e.g. fewer GN iterations, ``configs/hippocampus3d_fast.yaml``; its λ chosen the same way), and handcrafted
+   GN on the signed distance maps of the *true* labels (an oracle no real method has, the upper reference).
 
 3. learned hyper-parameters (docs/design.md §5), each against its hand-set default, when their files are given:
    ``--bilevel-ckpt`` (a LearnGN whose per-iteration λ was learned on a hyper split of the training subjects,
@@ -49,6 +53,14 @@ GN_CANDIDATES: list[tuple[str, list[str]]] = [
 #: first-iteration λ of the trained LearnGN scored on training pairs (the recipe trains with 0.3; the schedule's
 #: shape is kept, ``eval.py --lam``)
 LAM_CANDIDATES = (0.3, 0.6, 1.2, 2.4)
+
+#: settings of the refinement of the LearnGN field with the model's own segmentations
+#: (``configs/baselines/learngn_adam_semantic.yaml``) scored on training pairs: (label, eval.py arguments)
+REFINE_CONFIG = "configs/baselines/learngn_adam_semantic.yaml"
+REFINE_CANDIDATES: list[tuple[str, list[str]]] = [
+    (f"semantic {w:g}, diffusion {d:g}", ["--method-arg", f"semantic_weight={w:g}", "--method-arg",
+                                          f"diffusion_weight={d:g}"])
+    for w, d in ((1, 10), (2, 10), (4, 10), (4, 20), (8, 20))]
 
 COLUMNS = ("dice", "dice30", "hd95", "sdlogj", "folding", "seconds")
 #: the regularity target of the learned model; handcrafted GN is chosen under the same constraint
@@ -90,6 +102,21 @@ def methods(ckpt: str, lam: float) -> list[tuple[str, str, list[str]]]:
         ("oracle", "oracle: handcrafted GN on distance maps of the *true* labels (gn_sdm.yaml)",
          ["--method", "gn", "--method-config", cfg + "gn_sdm.yaml"]),
     ]
+
+
+def lam_candidates(ckpt: str) -> list[tuple[str, list[str]]]:
+    """The LearnGN runs of :data:`LAM_CANDIDATES` for a checkpoint: (label, eval.py arguments)."""
+    return [(f"{lam:g}", ["--method", "learngn", "--ckpt", ckpt, "--lam", f"{lam:g}"]) for lam in LAM_CANDIDATES]
+
+
+def checkpoint_iterations(ckpt: str) -> int | str:
+    """The number of GN iterations of a LearnGN checkpoint (read without running code), or "?" """
+    from data.checkpoint import load_checkpoint  # the installed package (make install)
+
+    try:
+        return int(load_checkpoint(REPO / ckpt, what="--fast-ckpt")["hyper_parameters"]["iterations"])
+    except (OSError, ValueError, KeyError, TypeError):  # a label only: the row's eval.py run reports the file
+        return "?"
 
 
 def training_lambda(ckpt: str) -> float:
@@ -185,22 +212,31 @@ def fmt(v: float | None, key: str) -> str:
     return f"{v:.2f}" if key == "seconds" else f"{v * 100:.3f}" if key == "folding" else f"{v:.4f}"
 
 
-def appendix(selection: list, chosen_gn: int, lam_sel: list, lam: float, rows: list) -> list[str]:
-    """The page's last sections: the handcrafted GN settings and LearnGN's λ scored on training pairs (the chosen
-    ones marked), and the command of every row."""
-    lines = ["", "## Handcrafted GN: settings scored on 20 training pairs", "",
-              "| setting | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
-    lines += [f"| {label}{' (chosen)' if k == chosen_gn else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
-              for d, k, label, s in selection]
-    if lam_sel:
-        lines += ["", "## LearnGN: first-iteration λ scored on the same 20 training pairs", "",
-                  "| λ | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
-        lines += [f"| {v:g}{' (chosen)' if v == lam else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
-                  for d, v, s in lam_sel]
+def choose(get, prefix: str, candidates: list[tuple[str, list[str]]]) -> tuple[int, list]:
+    """Score ``candidates`` ``(label, eval.py arguments)`` on 20 training pairs (``get(key, args, split)`` runs or
+    reuses one evaluation, keys ``<prefix><k>``); returns the index of the best training Dice among those that
+    meet the regularity target (SDlogJ ≤ :data:`SDLOGJ_TARGET`; the best Dice when none does) and the scored list
+    ``[(dice, k, label, summary)]``."""
+    scored = []
+    for k, (label, args) in enumerate(candidates):
+        s = get(f"{prefix}{k}", [*args, "--data-arg", "max_pairs=20"], "train")
+        scored.append((s["metrics"]["dice"], k, label, s))
+    regular = [c for c in scored if c[3]["metrics"]["sdlogj"] <= SDLOGJ_TARGET]
+    return max(regular or scored)[1], scored
+
+
+def appendix(selections: list[tuple[str, str, int, list]], rows: list) -> list[str]:
+    """The page's last sections: each selection ``(title, column, chosen index, scored list of` :func:`choose`)``
+    as a table of its candidates on the training pairs (the chosen one marked), and the command of every row."""
+    lines = []
+    for title, column, chosen, scored in selections:
+        lines += ["", f"## {title}", "", f"| {column} | Dice (train pairs) | SDlogJ (train pairs) |", "|---|---|---|"]
+        lines += [f"| {label}{' (chosen)' if k == chosen else ''} | {d:.4f} | {s['metrics']['sdlogj']:.3f} |"
+                  for d, k, label, s in scored]
     lines += ["", "## Commands", ""]
     lines += [f"- {label}: `{s['command']}`" for _, label, s in rows]
-    lines += [f"- selection {label}: `{s['command']}`" for _, _, label, s in selection]
-    lines += [f"- selection LearnGN λ {v:g}: `{s['command']}`" for _, v, s in lam_sel]
+    for title, _, _, scored in selections:
+        lines += [f"- {title.split(':')[0]}, {label}: `{s['command']}`" for _, _, label, s in scored]
     return lines
 
 
@@ -215,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bilevel-ckpt", help="LearnGN checkpoint with a bilevel-learned λ schedule")
     p.add_argument("--hyper-ckpt", help="λ-conditioned hypernetwork checkpoint (HyperLearnGN)")
     p.add_argument("--schedule", help="learned AdamIO learning-rate schedule (.pt, ScheduleMetaLearner export)")
+    p.add_argument("--fast-ckpt", help="a second LearnGN checkpoint (e.g. fewer GN iterations), its λ chosen on "
+                                       "training pairs like --ckpt's")
     a = p.parse_args(argv)
     data = shared_data_root() / "Hippocampus" / "Hippocampus_dataset.json"
     if not data.is_file():
@@ -233,33 +271,45 @@ def main(argv: list[str] | None = None) -> int:
         summary["command"] = shown(eval_command(args, folder, data, split, a.threads, extra)) + " (reused result)"
         return summary
 
-    # 1. handcrafted GN: choose the setting on training pairs
-    selection = []
-    for k, (label, args) in enumerate(GN_CANDIDATES):
-        s = get(f"select_gn{k}", ["--method", "gn", *args, "--data-arg", "max_pairs=20"], "train")
-        selection.append((s["metrics"]["dice"], k, label, s))
-    # the best training Dice among the settings that meet the regularity target (SDlogJ <= 0.2), and the
-    # best training Dice regardless of regularity
-    regular = [c for c in selection if c[3]["metrics"]["sdlogj"] <= SDLOGJ_TARGET]
-    best, loose = max(regular or selection), max(selection)
+    # 1. handcrafted GN: choose the setting on training pairs (the best training Dice among the settings that
+    # meet the regularity target, SDlogJ <= 0.2; also shown: the best training Dice regardless of regularity)
+    chosen_gn, scored_gn = choose(get, "select_gn", [(label, ["--method", "gn", *args])
+                                                     for label, args in GN_CANDIDATES])
+    selections = [("Handcrafted GN: settings scored on 20 training pairs", "setting", chosen_gn, scored_gn)]
+    best, loose = scored_gn[chosen_gn], max(scored_gn)
     gn_rows = [("gn", f"handcrafted GN ({best[2]}; the best training Dice with SDlogJ ≤ {SDLOGJ_TARGET})",
                 get(f"gn{best[1]}", ["--method", "gn", *GN_CANDIDATES[best[1]][1]], "val"))]
     if loose[1] != best[1]:
         gn_rows.append(("gn_loose", f"handcrafted GN ({loose[2]}; the best training Dice, any regularity)",
                         get(f"gn{loose[1]}", ["--method", "gn", *GN_CANDIDATES[loose[1]][1]], "val")))
     # 2. LearnGN's λ on the same training pairs, under the same regularity target
-    lam_sel = []
+    lam = LAM_CANDIDATES[0]
     if "learngn" not in a.skip:
-        for k, lam in enumerate(LAM_CANDIDATES):
-            s = get(f"select_learngn{k}", ["--method", "learngn", "--ckpt", a.ckpt, "--lam", f"{lam:g}",
-                                           "--data-arg", "max_pairs=20"], "train")
-            lam_sel.append((s["metrics"]["dice"], lam, s))
-    ok = [c for c in lam_sel if c[2]["metrics"]["sdlogj"] <= SDLOGJ_TARGET]
-    lam = max(ok or lam_sel)[1] if lam_sel else LAM_CANDIDATES[0]
+        k, scored = choose(get, "select_learngn", lam_candidates(a.ckpt))
+        lam = LAM_CANDIDATES[k]
+        selections.append(("LearnGN: first-iteration λ scored on the same 20 training pairs", "λ", k, scored))
     # 3. everything else on the val pairs (identity first, then handcrafted GN)
     others = [(key, label, get(key, args, "val")) for key, label, args in methods(a.ckpt, lam)
               if key not in a.skip]
     rows = others[:1] + gn_rows + others[1:]
+    # 4. the refinement with the model's segmentations, its setting chosen on the training pairs; a second
+    # (faster) checkpoint with its own λ
+    if "learngn_adam_semantic" not in a.skip:
+        refine = ["--method", "adam", "--method-config", REFINE_CONFIG, "--init-ckpt", a.ckpt, "--lam", f"{lam:g}"]
+        k, scored = choose(get, "select_refine", [(label, [*refine, *args]) for label, args in REFINE_CANDIDATES])
+        selections.append((f"LearnGN + refinement with its segmentations: settings scored on the same 20 training "
+                           f"pairs (from the LearnGN field at λ {lam:g})", "setting", k, scored))
+        rows.append(("learngn_adam_semantic", f"**LearnGN + Adam refinement with the model's segmentations** "
+                     f"(20 it, {REFINE_CANDIDATES[k][0]}, chosen on training pairs)",
+                     get("learngn_adam_semantic", [*refine, *REFINE_CANDIDATES[k][1]], "val")))
+    if a.fast_ckpt:
+        k, scored = choose(get, "select_fast", lam_candidates(a.fast_ckpt))
+        selections.append((f"Second checkpoint ({a.fast_ckpt}): first-iteration λ scored on the same 20 training "
+                           "pairs", "λ", k, scored))
+        rows.append(("learngn_fast", f"**LearnGN, {checkpoint_iterations(a.fast_ckpt)} GN iterations** "
+                     f"({a.fast_ckpt}, λ {LAM_CANDIDATES[k]:g} chosen on training pairs)",
+                     get("learngn_fast", ["--method", "learngn", "--ckpt", a.fast_ckpt, "--lam",
+                                          f"{LAM_CANDIDATES[k]:g}"], "val")))
     res = {k: s for k, _, s in rows}
     # 4. learned hyper-parameters against their hand-set defaults (val pairs)
     hyper_rows = [(key, label, get(key, args, "val")) for key, label, args in learned_hyper(a, out)]
@@ -287,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                   "`benchmarks/results/hippocampus_training.md`). The LearnGN rows of the table above are the "
                   "reference of the bilevel and hypernetwork rows (the same network).", "",
                   *table(hyper_rows)]
-    lines += appendix(selection, best[1], lam_sel, lam, rows + hyper_rows)
+    lines += appendix(selections, rows + hyper_rows)
     Path(REPO / a.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

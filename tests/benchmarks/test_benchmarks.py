@@ -79,3 +79,23 @@ def test_hippocampus_learned_hyper_rows_and_baseline_schedule(tmp_path: Path) ->
     assert list(load_schedule(base).values) == expected
     assert list(load_schedule(learned).values) != expected
     assert torch.load(base, weights_only=True)["step_unit"] == module.step_unit
+
+
+def test_hippocampus_choose_takes_the_best_training_dice_within_the_regularity_target() -> None:
+    """benchmarks/hippocampus.py's one selection rule: the best Dice on the training pairs among the candidates
+    with SDlogJ ≤ 0.2, the best Dice when none meets it; every candidate scored on 20 training pairs."""
+    from benchmarks.hippocampus import choose
+
+    results = {"c0": (0.80, 0.15), "c1": (0.83, 0.25), "c2": (0.81, 0.19)}
+    calls = []
+
+    def get(key, args, split):
+        calls.append((key, args, split))
+        dice, sdlogj = results[args[0]]
+        return {"metrics": {"dice": dice, "sdlogj": sdlogj}}
+
+    k, scored = choose(get, "select_x", [(name, [name]) for name in results])
+    assert k == 2 and [c[1] for c in scored] == [0, 1, 2]
+    assert calls[0] == ("select_x0", ["c0", "--data-arg", "max_pairs=20"], "train")
+    results.update(c0=(0.80, 0.3), c2=(0.81, 0.4))
+    assert choose(get, "select_x", [(name, [name]) for name in results])[0] == 1
