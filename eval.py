@@ -224,7 +224,9 @@ def build_method(args: argparse.Namespace, method_args: dict[str, Any]):
     if args.method == "learngn":
         if not args.ckpt:
             raise SystemExit("error: --method learngn needs --ckpt")
-        return load_learngn(args.ckpt)
+        model, meta = load_learngn(args.ckpt)
+        model.configure_inference(**method_args)  # e.g. semantic_precision=bf16; unknown options refused
+        return model, meta
     from lightning_modules.baselines import BASELINES, make_baseline
 
     if args.schedule:

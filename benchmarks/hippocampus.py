@@ -54,6 +54,9 @@ GN_CANDIDATES: list[tuple[str, list[str]]] = [
 #: shape is kept, ``eval.py --lam``)
 LAM_CANDIDATES = (0.3, 0.6, 1.2, 2.4)
 
+#: eval.py arguments that run a LearnGN's semantic U-Net in bfloat16 (layers.semantic.SemanticNet)
+BF16 = ["--method-arg", "semantic_precision=bf16"]
+
 #: settings of the refinement of the LearnGN field with the model's own segmentations
 #: (``configs/baselines/learngn_adam_semantic.yaml``) scored on training pairs: (label, eval.py arguments)
 REFINE_CONFIG = "configs/baselines/learngn_adam_semantic.yaml"
@@ -90,6 +93,8 @@ def methods(ckpt: str, lam: float) -> list[tuple[str, str, list[str]]]:
          ["--method", "convexadam", "--method-config", cfg + "convexadam_logj.yaml"]),
         ("learngn", f"**LearnGN** (checkpoint, λ {lam:g} chosen on training pairs)",
          ["--method", "learngn", "--ckpt", ckpt, *lam_args]),
+        ("learngn_bf16", f"LearnGN (checkpoint, λ {lam:g}; U-Net in bfloat16, `--method-arg "
+         "semantic_precision=bf16`)", ["--method", "learngn", "--ckpt", ckpt, *lam_args, *BF16]),
         ("learngn_trained", f"LearnGN at its training λ ({trained}; no selection)",
          ["--method", "learngn", "--ckpt", ckpt]),
         ("learngn_adam", "**LearnGN + Adam refinement** (AdamIO constant, 30 it, from the LearnGN field)",
@@ -306,10 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         k, scored = choose(get, "select_fast", lam_candidates(a.fast_ckpt))
         selections.append((f"Second checkpoint ({a.fast_ckpt}): first-iteration λ scored on the same 20 training "
                            "pairs", "λ", k, scored))
-        rows.append(("learngn_fast", f"**LearnGN, {checkpoint_iterations(a.fast_ckpt)} GN iterations** "
-                     f"({a.fast_ckpt}, λ {LAM_CANDIDATES[k]:g} chosen on training pairs)",
-                     get("learngn_fast", ["--method", "learngn", "--ckpt", a.fast_ckpt, "--lam",
-                                          f"{LAM_CANDIDATES[k]:g}"], "val")))
+        fast = ["--method", "learngn", "--ckpt", a.fast_ckpt, "--lam", f"{LAM_CANDIDATES[k]:g}"]
+        label = f"{checkpoint_iterations(a.fast_ckpt)} GN iterations** ({a.fast_ckpt}, λ {LAM_CANDIDATES[k]:g} " \
+                "chosen on training pairs"
+        rows.append(("learngn_fast", f"**LearnGN, {label})", get("learngn_fast", fast, "val")))
+        rows.append(("learngn_fast_bf16", f"**LearnGN, {label}; U-Net in bfloat16, `--method-arg "
+                     "semantic_precision=bf16`)", get("learngn_fast_bf16", [*fast, *BF16], "val")))
     res = {k: s for k, _, s in rows}
     # 4. learned hyper-parameters against their hand-set defaults (val pairs)
     hyper_rows = [(key, label, get(key, args, "val")) for key, label, args in learned_hyper(a, out)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["Backend", "Coupling", "Guard", "LabelLoss", "LamKind", "PresetName", "StrEnum", "Update"]
+__all__ = ["Backend", "Coupling", "Guard", "LabelLoss", "LamKind", "Precision", "PresetName", "StrEnum", "Update"]
 
 
 class StrEnum(str, Enum):
@@ -100,3 +100,11 @@ class PresetName(StrEnum):
 
     PIECEWISE = "piecewise"  #: Vujovic et al.: 270 iterations of the piecewise schedule
     CONSTANT = "constant"  #: the ConvexAdam-style setting: learning rate 1, 100 iterations
+
+
+class Precision(StrEnum):
+    """Arithmetic of the semantic U-Net (:class:`layers.semantic.SemanticNet`; the GN layer always runs in the
+    features' own float32 / float64)."""
+
+    FLOAT32 = "32"  #: the input's dtype (the reference)
+    BF16 = "bf16"  #: bfloat16 autocast of the convolutions (fast on CPUs with AMX / AVX512-BF16 and on GPUs)

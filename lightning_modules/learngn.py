@@ -17,7 +17,7 @@ from data.batch import batch_masks
 from data.checkpoint import load_init_weights, qualname, rename_legacy_keys
 from data.features import FeatureKind, batch_features
 from layers.encoder import FeatureEncoder
-from layers.enums import LabelLoss
+from layers.enums import LabelLoss, Precision
 from layers.gn import GNOutput, GNRegistration
 from layers.heads import CompactHeads
 from layers.lam_schedule import LambdaSchedule
@@ -36,6 +36,8 @@ __all__ = ["LearnGN"]
 #: parameters that may be absent from a checkpoint loaded with ``init_from``: an optional module added for
 #: fine-tuning (the residual feature encoder starts as the identity, so the loaded model is unchanged)
 _FRESH_PREFIXES = ("encoder.",)
+#: the options :meth:`LearnGN.configure_inference` changes on a loaded model
+INFERENCE_OPTIONS = ("semantic_precision",)
 
 
 class LearnGN(RegistrationModule):
@@ -68,6 +70,8 @@ class LearnGN(RegistrationModule):
             Labels are used in the losses only; at test time the network sees the images alone.
         semantic_widths: the six :class:`~monai.networks.nets.BasicUNet` widths of that network.
         semantic_lr: Adam learning rate of the semantic network (None: ``lr``).
+        semantic_precision: arithmetic of that network, ``"32"`` or ``"bf16"`` (bfloat16 autocast,
+            :class:`layers.semantic.SemanticNet`); also settable on a loaded model (:meth:`configure_inference`).
         semantic_warmup: epochs at the start that train the semantic network alone (the registration is not
             run in those training steps; the registration heads and weights do not change).
         semantic_weight_init: initial data-term weight of the semantic channels.
@@ -117,6 +121,7 @@ class LearnGN(RegistrationModule):
         semantic: bool = False,
         semantic_widths: list[int] | None = None,
         semantic_lr: float | None = None,
+        semantic_precision: str = "32",
         semantic_warmup: int = 0,
         semantic_weight_init: float = 0.0,
         w_semantic: float = 1.0,
@@ -160,7 +165,8 @@ class LearnGN(RegistrationModule):
         self.encoder = (FeatureEncoder(spatial_dims, 1, channels, encoder_hidden, encoder_depth)
                         if encoder_hidden > 0 else None)
         if semantic:
-            self.semantic_net = SemanticNet(spatial_dims, n_semantic, semantic_widths or (8, 16, 24, 32, 48, 8))
+            self.semantic_net = SemanticNet(spatial_dims, n_semantic, semantic_widths or (8, 16, 24, 32, 48, 8),
+                                            precision=semantic_precision)
             self.semantic_weight = torch.nn.Parameter(torch.full((n_semantic,), float(semantic_weight_init)))
             self.register_buffer("base_weight", torch.ones(channels), persistent=False)
         else:
@@ -265,6 +271,22 @@ class LearnGN(RegistrationModule):
         """Rescale the λ schedule, whatever its kind, so that its first-iteration value is ``lam`` (shape kept;
         ``eval.py --lam``; :meth:`layers.lam_schedule.LambdaSchedule.set_lambda`)."""
         self.gn.lam.set_lambda(lam)
+
+    def configure_inference(self, **options: Any) -> None:
+        """Change settings of a loaded model that leave its weights alone (``eval.py --method-arg`` /
+        ``--method-config`` with ``--method learngn``); the one option so far: ``semantic_precision`` (``"32"``
+        or ``"bf16"``, see :class:`layers.semantic.SemanticNet`). ``ValueError`` naming an unknown option or
+        value, or ``semantic_precision`` for a model without a semantic network."""
+        unknown = sorted(set(options) - set(INFERENCE_OPTIONS))
+        if unknown:
+            raise ValueError(f"--method learngn has no option {', '.join(map(repr, unknown))} (--method-arg / "
+                             f"--method-config); its options: {', '.join(INFERENCE_OPTIONS)}")
+        if "semantic_precision" in options:
+            precision = Precision.lookup(options["semantic_precision"], "semantic_precision")
+            if self.semantic_net is None:
+                raise ValueError("semantic_precision applies to a model with a semantic network (semantic: true)")
+            self.semantic_net.precision = precision
+            self.hparams.semantic_precision = precision.value
 
     # --- training ------------------------------------------------------------------------------------------
     def _label_ids(self, batch: dict[str, Any]) -> list[int]:

@@ -213,6 +213,11 @@ def test_eval_refines_a_learngn_field_with_adam(tmp_path):
                                    rtol=0, atol=0)
         assert (read_displacement(file) - read_displacement(tmp_path / "l" / "disp" / file.name)).abs().max() > 1e-3
     assert "First-iteration λ 0.05 (`--lam`)." in (tmp_path / "l5" / "summary.md").read_text()
+    # a setting the loaded model does not have is refused before any pair runs (it used to be ignored)
+    with pytest.raises(ValueError, match="no option 'iterations'.*semantic_precision"):
+        eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--method-arg", "iterations=3",
+                       "--out", str(tmp_path / "bad"), *common])
+    assert not (tmp_path / "bad" / "summary.json").exists()
     with pytest.raises(SystemExit, match="--lam applies"):
         eval_cli.main(["--method", "gn", "--lam", "0.05", "--out", str(tmp_path / "g5"), *common])
     with pytest.raises(SystemExit, match="--init-ckpt applies"):

@@ -133,3 +133,19 @@ def test_semantic_net_equals_the_monai_basic_unet_it_stands_for(n, shape):
     for a, b in zip(torch.autograd.grad((probe * out).sum(), [image, *net.net.parameters()]),
                     torch.autograd.grad((probe * expected).sum(), [image, *ref.parameters()])):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * max(1.0, float(b.abs().max())))
+
+
+def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_returns_the_input_dtype():
+    torch.manual_seed(0)
+    net = SemanticNet(3, 2, (4, 4, 6, 6, 8, 4))
+    image = torch.randn(2, 1, 16, 16, 32)
+    ref = net(image)
+    seen = []
+    net.net.conv_0.conv_0.conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    net.precision = "bf16"
+    out = net(image)
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    # bfloat16 keeps 8 significant bits: the maps agree to a few per cent of their range, not to float32 rounding
+    assert 0 < float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="precision"):
+        net.precision = "16"

@@ -253,3 +253,21 @@ def test_semantic_maps_of_the_pair_in_one_batch_equal_one_call_per_image():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * float(b.detach().abs().max()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(1.0, float(b.abs().max())))
+
+
+def test_configure_inference_sets_the_semantic_precision_and_refuses_anything_else():
+    """The settings eval.py --method-arg may change on a loaded LearnGN: semantic_precision only."""
+    model = _semantic_model()
+    model.configure_inference(semantic_precision="bf16")
+    assert model.semantic_net.precision == "bf16" and model.hparams.semantic_precision == "bf16"
+    batch = _batch3d()
+    with torch.no_grad():
+        maps = model.semantic_maps(batch)
+    assert maps[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="no option 'lam_start'"):
+        model.configure_inference(lam_start=0.1)
+    with pytest.raises(ValueError, match="semantic_precision must be one of"):
+        model.configure_inference(semantic_precision="fp8")
+    with pytest.raises(ValueError, match="semantic network"):
+        LearnGN(spatial_dims=2, features="mind").configure_inference(semantic_precision="bf16")
+    assert _semantic_model(semantic_precision="bf16").semantic_net.precision == "bf16"
