@@ -38,7 +38,9 @@ PARTS = {"register": "`register` (features + GN iterations)",
          "unet": "the U-Net on both images (`semantic_maps`)",
          "unet_monai": "the same U-Net with PyTorch's instance norms and MONAI's decoder padding (the code before)",
          "gn": "the GN iterations on ready features",
-         "second": "`register` of the `--second-ckpt` model"}
+         "register_bf16": "`register` with the U-Net in bfloat16 (`semantic_precision=bf16`)",
+         "second": "`register` of the `--second-ckpt` model",
+         "second_bf16": "`register` of the `--second-ckpt` model with the U-Net in bfloat16"}
 STAGES = ("gn.warp", "gn.jf", "gn.normal_equations", "gn.solve")
 
 
@@ -70,10 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         before = monai_unet(model.semantic_net)
         fns = {"register": lambda: model.register(batch), "features": lambda: model.features(batch),
                "unet": lambda: model.semantic_maps(batch), "unet_monai": lambda: before(pair),
-               "gn": lambda: model.gn(fixed, moving, channel_weights=weights)}
+               "gn": lambda: model.gn(fixed, moving, channel_weights=weights),
+               "register_bf16": lambda: bf16(model).register(batch)}
         if a.second_ckpt:
             second, _ = model_from_checkpoint(REPO / a.second_ckpt, base=LearnGN)
             fns["second"] = lambda: second.register(batch)
+            fns["second_bf16"] = lambda: bf16(second).register(batch)
         seconds = dict(zip(fns, paired_medians(list(fns.values()), a.repeats)))
         with profile() as prof:
             model.register(batch)
@@ -107,6 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", "Operators with the most CPU time in one registration (torch profiler):", "", "```", table,
               "```", ""]
     write_page(RESULTS / "learngn_profile.md", lines)
+
+
+_BF16: dict[int, LearnGN] = {}
+
+
+def bf16(model: LearnGN) -> LearnGN:
+    """A copy of ``model`` whose U-Net runs in bfloat16 (made once per model)."""
+    if id(model) not in _BF16:
+        _BF16[id(model)] = copy.deepcopy(model)
+        _BF16[id(model)].configure_inference(semantic_precision="bf16")
+    return _BF16[id(model)]
 
 
 def monai_unet(net: SemanticNet) -> torch.nn.Module:
