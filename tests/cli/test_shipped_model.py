@@ -1,6 +1,7 @@
-"""The shipped Hippocampus LearnGN: it loads safely, is small, is the untrained-equals-handcrafted design with
-learned semantic channels, and the README's command registers two real Hippocampus files with it (skipped when
-``../shared/data/Hippocampus`` is absent)."""
+"""The shipped Hippocampus LearnGN models (10 GN iterations, and the 5-iteration one): they load safely, are
+small, are the untrained-equals-handcrafted design with learned semantic channels, and the README's commands
+register two real Hippocampus files with them, alone, with the U-Net in bfloat16, and refined by Adam with the
+model's segmentations (skipped when ``../shared/data/Hippocampus`` is absent)."""
 
 from __future__ import annotations
 
@@ -19,15 +20,18 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "checkpoints" / "hippocampus_learngn.ckpt"
+FAST = ROOT / "checkpoints" / "hippocampus_learngn_fast.ckpt"
 HIPPO = (Path(os.environ["L2O_SHARED_DATA"]) if os.environ.get("L2O_SHARED_DATA")
          else ROOT.parent / "shared" / "data") / "Hippocampus"
 
 
-def test_shipped_checkpoint_is_small_and_loads_without_code():
-    assert CKPT.stat().st_size < 5 * 2**20
-    model, ckpt = model_from_checkpoint(CKPT, base=LearnGN)
+@pytest.mark.parametrize("path,iterations", [(CKPT, 10), (FAST, 5)], ids=["shipped", "fast"])
+def test_shipped_checkpoint_is_small_and_loads_without_code(path, iterations):
+    assert path.stat().st_size < 5 * 2**20
+    model, ckpt = model_from_checkpoint(path, base=LearnGN)
     assert "optimizer_states" not in ckpt
     assert model.hparams.semantic and list(model.hparams.label_ids) == [1, 2]
+    assert model.gn.iterations == iterations
     assert (model.semantic_weight > 0).all()  # the semantic channels were learned into use
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, 1, 32, 32, 32, generator=g)
@@ -38,12 +42,18 @@ def test_shipped_checkpoint_is_small_and_loads_without_code():
 
 
 @pytest.mark.skipif(not HIPPO.is_dir(), reason=f"{HIPPO} not found (real data lives outside the repository)")
-def test_shipped_model_registers_two_hippocampus_files(tmp_path):
+@pytest.mark.parametrize("method", [
+    ["--method", "learngn", "--ckpt", str(CKPT), "--lam", "1.2"],
+    ["--method", "learngn", "--ckpt", str(FAST), "--lam", "2.4", "--method-arg", "semantic_precision=bf16"],
+    ["--method", "adam", "--method-config", str(ROOT / "configs/baselines/learngn_adam_semantic.yaml"),
+     "--init-ckpt", str(CKPT), "--lam", "1.2"],
+], ids=["shipped", "fast_bf16", "refined"])
+def test_shipped_model_registers_two_hippocampus_files(tmp_path, method):
     pair = json.loads((HIPPO / "Hippocampus_dataset.json").read_text())["registration_val"][0]
     files = {k: HIPPO / pair[k].lstrip("./") for k in ("fixed", "moving")}
     labels = {k: Path(str(v).replace("imagesTr", "labelsTr")) for k, v in files.items()}
     out = tmp_path / "pair"
-    status = eval_cli.main(["--method", "learngn", "--ckpt", str(CKPT), "--fixed", str(files["fixed"]),
+    status = eval_cli.main([*method, "--fixed", str(files["fixed"]),
                             "--moving", str(files["moving"]), "--fixed-labels", str(labels["fixed"]),
                             "--moving-labels", str(labels["moving"]), "--out", str(out), "--threads", "1"])
     assert status in (None, 0) or isinstance(status, dict)
