@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("learngn_adam_semantic", f"**LearnGN + Adam refinement with the model's segmentations** "
                      f"(20 it, {REFINE_CANDIDATES[k][0]}, chosen on training pairs)",
                      get("learngn_adam_semantic", [*refine, *REFINE_CANDIDATES[k][1]], "val")))
+        if a.bilevel_ckpt:  # the same refinement from the field of the bilevel-λ model (its own λ schedule)
+            rows.append(("learngn_bilevel_adam_semantic", "LearnGN with bilevel λ + the same refinement",
+                         get("learngn_bilevel_adam_semantic", [*refine[:4], "--init-ckpt", a.bilevel_ckpt,
+                                                               *REFINE_CANDIDATES[k][1]], "val")))
     if a.fast_ckpt:
         k, scored = choose(get, "select_fast", lam_candidates(a.fast_ckpt))
         selections.append((f"Second checkpoint ({a.fast_ckpt}): first-iteration λ scored on the same 20 training "
