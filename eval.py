@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
                    help="RegistrationDataModule argument (YAML value), e.g. --data-arg slice_mode=true")
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
-                   help="method argument (YAML value), e.g. --method-arg preset=constant")
-    p.add_argument("--method-config", help="YAML file of method arguments (init_args of the method)")
+                   help="method argument (YAML value), e.g. --method-arg preset=constant; for learngn only the "
+                        "settings of a loaded model: semantic_precision (float32 | bf16), use_masks")
+    p.add_argument("--method-config", help="YAML file of method arguments (init_args of the method; for learngn "
+                                           "only semantic_precision and use_masks)")
     p.add_argument("--lam", help="λ for a λ-conditioned model: a value or 'auto' (chosen on --lam-split)")
     p.add_argument("--lam-split", default="val", choices=("val", "train", "hyper"),
                    help="--lam auto: the split λ is chosen on (default val; use train or hyper when val is the "
@@ -246,6 +248,8 @@ def build_method(args: argparse.Namespace, method_args: dict[str, Any]):
         if args.method not in ("adam", "convexadam"):
             raise SystemExit("error: --init-ckpt applies to --method adam | convexadam")
         model.set_initialiser(load_learngn(args.init_ckpt, "--init-ckpt")[0])
+    if hasattr(model, "check_initialiser"):
+        model.check_initialiser()  # e.g. AdamIO's semantic_weight needs a semantic LearnGN: refused before any pair
     return model, None
 
 

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = others[:1] + gn_rows + others[1:]
     # 4. the refinement with the model's segmentations, its setting chosen on the training pairs; a second
     # (faster) checkpoint with its own λ
-    if "learngn_adam_semantic" not in a.skip:
+    if "learngn_adam_semantic" not in a.skip and "learngn" not in a.skip:  # refines the field at the chosen λ
         refine = ["--method", "adam", "--method-config", REFINE_CONFIG, "--init-ckpt", a.ckpt, "--lam", f"{lam:g}"]
         k, scored = choose(get, "select_refine", [(label, [*refine, *args]) for label, args in REFINE_CANDIDATES])
         selections.append((f"LearnGN + refinement with its segmentations: settings scored on the same 20 training "

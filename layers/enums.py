@@ -106,5 +106,5 @@ class Precision(StrEnum):
     """Arithmetic of the semantic U-Net (:class:`layers.semantic.SemanticNet`; the GN layer always runs in the
     features' own float32 / float64)."""
 
-    FLOAT32 = "32"  #: the input's dtype (the reference)
-    BF16 = "bf16"  #: bfloat16 autocast of the convolutions (fast on CPUs with AMX / AVX512-BF16 and on GPUs)
+    FLOAT32 = "float32"  #: the input's dtype (the reference)
+    BF16 = "bf16"  #: bfloat16 autocast of the convolutions (fast on CPUs with AMX / AVX512-BF16)

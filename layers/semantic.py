@@ -35,11 +35,11 @@ class SemanticNet(nn.Module):
         features: the six widths of :class:`~monai.networks.nets.BasicUNet` (four levels down, the last is the
             output block's width); small by default so that the network trains on a CPU and its checkpoint
             stays small (about 0.3 M parameters).
-        precision: ``"32"`` (the input's dtype) or ``"bf16"``: the network runs under bfloat16 autocast
+        precision: ``"float32"`` (the input's dtype) or ``"bf16"``: the network runs under bfloat16 autocast
             (:class:`layers.enums.Precision`; convolutions in bfloat16, the instance norms' statistics in
             float32) and returns maps in the input's dtype; settable afterwards as :attr:`precision`. On a
-            CPU with AMX it saves about a quarter of a 64³ pair's U-Net time at the same Dice
-            (``benchmarks/results/hippocampus.md``); on a CPU without native bfloat16 it is slower.
+            CPU with AMX it saves about 0.05 s of a 64³ pair's 0.16 s U-Net time at the same Dice
+            (``benchmarks/results/learngn_profile.md``); on a CPU without native bfloat16 it is slower.
 
     Every axis of ``S`` must be a multiple of 16 (four pooling levels). In 3D the convolution weights are kept
     channels-last (``torch.channels_last_3d``; the values, the state dict and the gradients are unchanged): the
@@ -53,7 +53,7 @@ class SemanticNet(nn.Module):
     """
 
     def __init__(self, n: int, labels: int, features: Sequence[int] = (8, 16, 24, 32, 48, 8),
-                 precision: str = "32") -> None:
+                 precision: str = "float32") -> None:
         super().__init__()
         self.precision = precision
         from monai.networks.nets import BasicUNet
@@ -139,18 +139,21 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     · weight + bias`` with the mean and the biased variance over ``S`` (:func:`torch.nn.functional.instance_norm`
     without running statistics), ``weight`` and ``bias`` ``(C,)``.
 
-    The statistics are two passes over a ``(B, S, C)`` view (no copy for a channels-last ``x``), and the result
-    keeps ``x``'s memory format: on a channels-last CPU tensor about 3x faster than PyTorch's instance norm, which
-    copies it to channels-first and back."""
+    The statistics are two passes over a ``(B, S, C)`` view (no copy for a channels-last ``x``), and for a
+    lower-precision ``x`` (e.g. bfloat16 under autocast) they and the normalisation are computed in float32 and
+    only the result rounded to ``x``'s dtype; the result keeps ``x``'s dtype and memory format: on
+    a channels-last CPU tensor about 3x faster than PyTorch's instance norm, which copies it to channels-first and
+    back."""
     b, c = x.shape[:2]
     v = x.movedim(1, -1).reshape(b, -1, c)
+    v = v.to(torch.promote_types(v.dtype, torch.float32))  # bfloat16 / float16 activations: float32 statistics
     mean = v.mean(1, keepdim=True)
     centred = v - mean
     var = (centred * centred).mean(1)
     shape = (b, c) + (1,) * (x.dim() - 2)
     scale = torch.rsqrt(var + eps).reshape(shape) * weight.reshape(1, c, *shape[2:])
     shift = bias.reshape(1, c, *shape[2:]) - mean.reshape(shape) * scale
-    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+    return torch.addcmul(shift, x, scale).to(x.dtype)  # in the statistics' precision, then x's dtype
 
 
 class InstanceNorm(nn.Module):

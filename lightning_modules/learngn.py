@@ -37,7 +37,7 @@ __all__ = ["LearnGN"]
 #: fine-tuning (the residual feature encoder starts as the identity, so the loaded model is unchanged)
 _FRESH_PREFIXES = ("encoder.",)
 #: the options :meth:`LearnGN.configure_inference` changes on a loaded model
-INFERENCE_OPTIONS = ("semantic_precision",)
+INFERENCE_OPTIONS = ("semantic_precision", "use_masks")
 
 
 class LearnGN(RegistrationModule):
@@ -70,7 +70,7 @@ class LearnGN(RegistrationModule):
             Labels are used in the losses only; at test time the network sees the images alone.
         semantic_widths: the six :class:`~monai.networks.nets.BasicUNet` widths of that network.
         semantic_lr: Adam learning rate of the semantic network (None: ``lr``).
-        semantic_precision: arithmetic of that network, ``"32"`` or ``"bf16"`` (bfloat16 autocast,
+        semantic_precision: arithmetic of that network, ``"float32"`` or ``"bf16"`` (bfloat16 autocast,
             :class:`layers.semantic.SemanticNet`); also settable on a loaded model (:meth:`configure_inference`).
         semantic_warmup: epochs at the start that train the semantic network alone (the registration is not
             run in those training steps; the registration heads and weights do not change).
@@ -121,7 +121,7 @@ class LearnGN(RegistrationModule):
         semantic: bool = False,
         semantic_widths: list[int] | None = None,
         semantic_lr: float | None = None,
-        semantic_precision: str = "32",
+        semantic_precision: str = "float32",
         semantic_warmup: int = 0,
         semantic_weight_init: float = 0.0,
         w_semantic: float = 1.0,
@@ -148,6 +148,7 @@ class LearnGN(RegistrationModule):
         if features == "sdm" and not label_ids:
             raise ValueError("features='sdm' needs label_ids (the labels whose distance maps are the features)")
         label_loss = LabelLoss.lookup(label_loss, "label_loss").value
+        semantic_precision = Precision.lookup(semantic_precision, "semantic_precision").value
         if semantic and not label_ids:
             raise ValueError("semantic=True needs label_ids (the labels whose distance maps are predicted)")
         if semantic_warmup < 0 or semantic_weight_init < 0 or w_semantic < 0:
@@ -274,9 +275,10 @@ class LearnGN(RegistrationModule):
 
     def configure_inference(self, **options: Any) -> None:
         """Change settings of a loaded model that leave its weights alone (``eval.py --method-arg`` /
-        ``--method-config`` with ``--method learngn``); the one option so far: ``semantic_precision`` (``"32"``
-        or ``"bf16"``, see :class:`layers.semantic.SemanticNet`). ``ValueError`` naming an unknown option or
-        value, or ``semantic_precision`` for a model without a semantic network."""
+        ``--method-config`` with ``--method learngn``): ``semantic_precision`` (``"float32"`` or ``"bf16"``, see
+        :class:`layers.semantic.SemanticNet`) and ``use_masks`` (restrict the data term to the batch's masks).
+        ``ValueError`` naming an unknown option or value, or ``semantic_precision`` for a model without a
+        semantic network."""
         unknown = sorted(set(options) - set(INFERENCE_OPTIONS))
         if unknown:
             raise ValueError(f"--method learngn has no option {', '.join(map(repr, unknown))} (--method-arg / "
@@ -287,6 +289,8 @@ class LearnGN(RegistrationModule):
                 raise ValueError("semantic_precision applies to a model with a semantic network (semantic: true)")
             self.semantic_net.precision = precision
             self.hparams.semantic_precision = precision.value
+        if "use_masks" in options:
+            self.use_masks = self.hparams.use_masks = bool(options["use_masks"])
 
     # --- training ------------------------------------------------------------------------------------------
     def _label_ids(self, batch: dict[str, Any]) -> list[int]:

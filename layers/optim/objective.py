@@ -50,7 +50,8 @@ from layers.masks import check_mask, masked_mean, similarity_weight
 from layers.similarity import LNCC
 from layers.warp import compose, integrate_velocity, warp_image
 
-__all__ = ["FeatureMSE", "ImageLNCC", "InstanceObjective", "apply_increment", "grad_ready", "smooth"]
+__all__ = ["FeatureMSE", "ImageLNCC", "InstanceObjective", "SegmentationDice", "apply_increment", "grad_ready",
+           "smooth"]
 
 
 class InstanceObjective:

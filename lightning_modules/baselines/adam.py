@@ -184,9 +184,13 @@ class AdamIO(BaselineModule):
         when ``semantic_weight > 0``, else None; ``ValueError`` when there is no initialiser with such maps."""
         if self.semantic_weight == 0:
             return None
-        model = getattr(self, "initialiser", None)
-        if getattr(model, "semantic_net", None) is None:
+        self.check_initialiser()
+        with torch.no_grad():
+            return self.initialiser.semantic_maps(batch)
+
+    def check_initialiser(self) -> None:
+        """``ValueError`` when ``semantic_weight > 0`` and there is no initialiser with semantic maps (``eval.py``
+        calls this before any pair runs)."""
+        if self.semantic_weight > 0 and getattr(getattr(self, "initialiser", None), "semantic_net", None) is None:
             raise ValueError("semantic_weight > 0 refines with the semantic maps of the initialising model: start "
                              "from a LearnGN checkpoint trained with semantic: true (eval.py --init-ckpt)")
-        with torch.no_grad():
-            return model.semantic_maps(batch)

@@ -218,6 +218,15 @@ def test_eval_refines_a_learngn_field_with_adam(tmp_path):
         eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--method-arg", "iterations=3",
                        "--out", str(tmp_path / "bad"), *common])
     assert not (tmp_path / "bad" / "summary.json").exists()
+    # ... while use_masks (the documented switch of --fixed-mask) is one (no masks here: the same result)
+    off = eval_cli.main(["--method", "learngn", "--ckpt", ckpt, "--method-arg", "use_masks=false",
+                         "--out", str(tmp_path / "nomask"), *common])
+    assert off["metrics"]["dice"] == learned["metrics"]["dice"]
+    # the refinement with the model's segmentations needs a LearnGN with semantic maps: refused before any pair
+    with pytest.raises(ValueError, match="semantic_weight"):
+        eval_cli.main(["--method", "adam", "--init-ckpt", ckpt, "--method-arg", "semantic_weight=1",
+                       "--out", str(tmp_path / "nosem"), *common])
+    assert not (tmp_path / "nosem" / "summary.json").exists()
     with pytest.raises(SystemExit, match="--lam applies"):
         eval_cli.main(["--method", "gn", "--lam", "0.05", "--out", str(tmp_path / "g5"), *common])
     with pytest.raises(SystemExit, match="--init-ckpt applies"):

@@ -149,3 +149,18 @@ def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_returns_the_input_
     assert 0 < float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
     with pytest.raises(ValueError, match="precision"):
         net.precision = "16"
+
+
+def test_instance_norm_of_bfloat16_activations_computes_in_float32():
+    """bfloat16 activations with a large mean (conv outputs under autocast): statistics and normalisation in
+    float32, only the result rounded to bfloat16, so the error is that last rounding (half an ulp of values of
+    magnitude < 4: 2^-8 · 4 / 2 < 0.008), not the cancellation of bfloat16 statistics."""
+    g = torch.Generator().manual_seed(4)
+    x = (50 + 3 * torch.randn(1, 2, 8, 8, 8, generator=g)).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight, bias = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.2])
+    out = instance_norm(x, weight, bias)
+    ref = torch.nn.functional.instance_norm(x.double(), weight=weight.double(), bias=bias.double(), eps=1e-5)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert float(ref.abs().max()) < 4
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.008)

@@ -264,6 +264,8 @@ def test_configure_inference_sets_the_semantic_precision_and_refuses_anything_el
     with torch.no_grad():
         maps = model.semantic_maps(batch)
     assert maps[0].dtype == torch.float32
+    model.configure_inference(use_masks=True)
+    assert model.use_masks and model.hparams.use_masks
     with pytest.raises(ValueError, match="no option 'lam_start'"):
         model.configure_inference(lam_start=0.1)
     with pytest.raises(ValueError, match="semantic_precision must be one of"):
@@ -271,3 +273,5 @@ def test_configure_inference_sets_the_semantic_precision_and_refuses_anything_el
     with pytest.raises(ValueError, match="semantic network"):
         LearnGN(spatial_dims=2, features="mind").configure_inference(semantic_precision="bf16")
     assert _semantic_model(semantic_precision="bf16").semantic_net.precision == "bf16"
+    with pytest.raises(ValueError, match="semantic_precision must be one of"):
+        _semantic_model(semantic_precision="32")
