@@ -248,8 +248,7 @@ def build_method(args: argparse.Namespace, method_args: dict[str, Any]):
         if args.method not in ("adam", "convexadam"):
             raise SystemExit("error: --init-ckpt applies to --method adam | convexadam")
         model.set_initialiser(load_learngn(args.init_ckpt, "--init-ckpt")[0])
-    if hasattr(model, "check_initialiser"):
-        model.check_initialiser()  # e.g. AdamIO's semantic_weight needs a semantic LearnGN: refused before any pair
+    model.check_initialiser()  # e.g. AdamIO's semantic_weight needs a semantic LearnGN: refused before any pair
     return model, None
 
 

@@ -33,6 +33,11 @@ class BaselineModule(RegistrationModule):
             raise TypeError(f"the initialiser must be a RegistrationModule; got {type(model).__name__}")
         self.initialiser = model
 
+    def check_initialiser(self) -> None:
+        """Refuse a setting that needs an initialiser this module does not have (``ValueError``); ``eval.py``
+        calls it once, before any pair runs. Nothing to check here; see
+        :meth:`lightning_modules.baselines.AdamIO.check_initialiser`."""
+
     def initial_field(self, batch: dict[str, Any], maps: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> torch.Tensor | None:
         """The initial full-resolution field ``(B, n, *S)`` (voxel units) of a batch, or None (see the class
